@@ -1,0 +1,209 @@
+//! The I/O shell: watches, the reconcile loop and its wiring.
+//!
+//! Every decision is made by the pure modules (`render`, `status`); this
+//! module reads the API server, hands what it saw to them, and writes back
+//! only what differs.
+
+mod reconcile;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use tracing::{info, warn};
+
+use crate::api::{Bundle, FleetHandshake};
+use crate::render::{MANAGED_BY, MANAGED_BY_LABEL};
+use crate::telemetry::Metrics;
+
+pub use reconcile::Error;
+
+/// The one field manager for every write this operator makes.
+pub const FIELD_MANAGER: &str = "fleet-handshake";
+
+/// How the operator runs, as set on the command line.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Namespaces to watch; empty means the whole cluster.
+    pub namespaces: Vec<String>,
+    /// Re-check every handshake this often even without events, so a missed
+    /// watch event cannot leave a copy stale for long.
+    pub resync_interval: Duration,
+    /// Longest wait between retries of a failing handshake.
+    pub max_backoff: Duration,
+}
+
+/// State shared by all reconciles.
+pub struct Context {
+    client: Client,
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
+    settings: Settings,
+    /// Consecutive failures per handshake, for exponential backoff.
+    failures: Mutex<HashMap<ObjectRef<FleetHandshake>, u32>>,
+}
+
+impl Context {
+    fn new(client: Client, metrics: Arc<Metrics>, settings: Settings) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.to_string(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            settings,
+            failures: Mutex::default(),
+        }
+    }
+
+    fn backoff(&self, handshake: &FleetHandshake) -> Duration {
+        let mut failures = self.failures.lock().expect("backoff map lock");
+        let count = failures.entry(ObjectRef::from_obj(handshake)).or_insert(0);
+        *count = count.saturating_add(1);
+        retry_delay(*count, self.settings.max_backoff)
+    }
+
+    fn forget_failures(&self, handshake: &FleetHandshake) {
+        self.failures
+            .lock()
+            .expect("backoff map lock")
+            .remove(&ObjectRef::from_obj(handshake));
+    }
+}
+
+/// Delay before retry number `failures` (1-based): 1s, 2s, 4s, ... capped.
+fn retry_delay(failures: u32, max: Duration) -> Duration {
+    let exponent = failures.saturating_sub(1).min(16);
+    Duration::from_secs(1u64 << exponent).min(max)
+}
+
+/// Runs the controller until a shutdown signal. One controller per watched
+/// namespace in namespace-scoped mode, one for the whole cluster otherwise.
+pub async fn run(
+    client: Client,
+    metrics: Arc<Metrics>,
+    settings: Settings,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let context = Arc::new(Context::new(client.clone(), metrics, settings.clone()));
+    let scopes: Vec<Option<String>> = if settings.namespaces.is_empty() {
+        vec![None]
+    } else {
+        settings.namespaces.iter().cloned().map(Some).collect()
+    };
+    let secret_apis: Vec<Api<PartialObjectMeta<Secret>>> = match settings.namespaces.as_slice() {
+        [] => vec![Api::all(client.clone())],
+        namespaces => namespaces
+            .iter()
+            .map(|namespace| Api::namespaced(client.clone(), namespace))
+            .collect(),
+    };
+    let controllers = scopes.into_iter().map(|scope| {
+        let controller = controller_for(&client, scope.as_deref(), &secret_apis);
+        let ready = ready.clone();
+        let store = controller.store();
+        let context = context.clone();
+        async move {
+            let scope_name = scope.as_deref().unwrap_or("<all namespaces>").to_string();
+            tokio::spawn(mark_ready_when_synced(store, ready, scope_name));
+            controller
+                .shutdown_on_signal()
+                .run(reconcile::reconcile, reconcile::error_policy, context)
+                .for_each(|result| async move {
+                    if let Err(error) = result {
+                        warn!(%error, "controller event failed");
+                    }
+                })
+                .await;
+        }
+    });
+    futures::future::join_all(controllers).await;
+    info!("controller stopped");
+}
+
+async fn mark_ready_when_synced(
+    store: Store<FleetHandshake>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    scope: String,
+) {
+    if store.wait_until_ready().await.is_ok() {
+        info!(scope, "handshake cache synced");
+        ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The controller for one scope: handshakes and our Bundles in `namespace`
+/// (or everywhere), Secrets in `secret_apis`.
+///
+/// Bundles and Secrets are watched by metadata only and without a cache:
+/// no Secret data is ever held, and each event is only mapped to the
+/// handshakes it concerns.
+fn controller_for(
+    client: &Client,
+    namespace: Option<&str>,
+    secret_apis: &[Api<PartialObjectMeta<Secret>>],
+) -> Controller<FleetHandshake> {
+    let (handshakes, bundles): (Api<FleetHandshake>, Api<PartialObjectMeta<Bundle>>) =
+        match namespace {
+            Some(namespace) => (
+                Api::namespaced(client.clone(), namespace),
+                Api::namespaced(client.clone(), namespace),
+            ),
+            None => (Api::all(client.clone()), Api::all(client.clone())),
+        };
+    let ours = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
+    let controller = Controller::new(handshakes, watcher::Config::default()).owns(bundles, ours);
+    let store = controller.store();
+    secret_apis.iter().fold(controller, |controller, secrets| {
+        let store = store.clone();
+        controller.watches(secrets.clone(), watcher::Config::default(), move |secret| {
+            handshakes_reading(
+                &store,
+                &secret.namespace().unwrap_or_default(),
+                &secret.name_any(),
+            )
+        })
+    })
+}
+
+/// The handshakes whose source is the Secret `namespace`/`name`.
+fn handshakes_reading(
+    store: &Store<FleetHandshake>,
+    namespace: &str,
+    name: &str,
+) -> Vec<ObjectRef<FleetHandshake>> {
+    store
+        .state()
+        .into_iter()
+        .filter(|handshake| reconcile::source_of(handshake) == (namespace, name))
+        .map(|handshake| ObjectRef::from_obj(&*handshake))
+        .collect()
+}
+
+/// What a successful reconcile asks of the scheduler.
+fn resync(settings: &Settings) -> Action {
+    Action::requeue(settings.resync_interval)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_doubles_and_caps() {
+        let max = Duration::from_secs(300);
+        let delays: Vec<u64> = (1..=10).map(|n| retry_delay(n, max).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300]);
+        assert_eq!(retry_delay(u32::MAX, max), max);
+    }
+}

@@ -1,0 +1,300 @@
+//! One reconcile of one handshake, as separate steps: dereference, validate,
+//! render, apply, status.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+use tracing::{debug, info, instrument, warn};
+
+use super::{Context, FIELD_MANAGER, resync};
+use crate::api::{Bundle, FleetHandshake, FleetHandshakeStatus, SyncStatus};
+use crate::render::{self, RenderError, is_controlled_by, is_up_to_date};
+use crate::status::{Observation, READY, compute_status};
+
+/// A failed step of a reconcile. Messages name the step and the API
+/// server's reason, never object content: an API error about a Bundle can
+/// quote the Bundle, and the Bundle holds Secret data.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading {what} failed: {}", describe(.source))]
+    Read {
+        what: &'static str,
+        source: kube::Error,
+    },
+    #[error("applying Bundle failed: {}", describe(.source))]
+    ApplyBundle { source: kube::Error },
+    #[error("deleting Bundle failed: {}", describe(.source))]
+    DeleteBundle { source: kube::Error },
+    #[error("writing status failed: {}", describe(.source))]
+    WriteStatus { source: kube::Error },
+    #[error("rendering Bundle failed: {0}")]
+    Render(#[from] RenderError),
+}
+
+impl Error {
+    /// Short label for metrics.
+    pub fn step(&self) -> &'static str {
+        match self {
+            Error::Read { .. } => "read",
+            Error::ApplyBundle { .. } => "apply",
+            Error::DeleteBundle { .. } => "delete",
+            Error::WriteStatus { .. } => "status",
+            Error::Render(_) => "render",
+        }
+    }
+}
+
+/// The API server's verdict without its free-text message, which may quote
+/// the object that was sent.
+fn describe(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) => format!("{} ({})", status.reason, status.code),
+        kube::Error::HyperError(_) | kube::Error::Service(_) => {
+            "the API server could not be reached".to_string()
+        }
+        _ => "unexpected client error".to_string(),
+    }
+}
+
+/// Namespace and name of the Secret a handshake reads. An empty
+/// `secretNamespace` (as the original operator allowed) means the
+/// handshake's own namespace.
+pub fn source_of(handshake: &FleetHandshake) -> (&str, &str) {
+    let namespace = handshake
+        .spec
+        .secret_namespace
+        .as_deref()
+        .filter(|namespace| !namespace.is_empty())
+        .or(handshake.metadata.namespace.as_deref())
+        .unwrap_or_default();
+    (namespace, handshake.spec.secret_name.as_str())
+}
+
+#[instrument(skip_all, fields(handshake = %handshake.name_any(), namespace = handshake.namespace().unwrap_or_default()))]
+pub async fn reconcile(
+    handshake: Arc<FleetHandshake>,
+    context: Arc<Context>,
+) -> Result<Action, Error> {
+    if handshake.metadata.deletion_timestamp.is_some() {
+        // Garbage collection removes the Bundle through its owner reference.
+        return Ok(Action::await_change());
+    }
+    let started = Instant::now();
+    let outcome = sync(&handshake, &context).await;
+    let observation = match &outcome {
+        Ok(observation) => observation.clone(),
+        Err(error) => Observation::ApiFailure {
+            message: error.to_string(),
+        },
+    };
+    let status_written = write_status(&handshake, &observation, &context).await;
+    context
+        .metrics
+        .observe_reconcile(started.elapsed(), outcome.as_ref().err().map(Error::step));
+    outcome?;
+    status_written?;
+    context.forget_failures(&handshake);
+    Ok(resync(&context.settings))
+}
+
+pub fn error_policy(
+    handshake: Arc<FleetHandshake>,
+    error: &Error,
+    context: Arc<Context>,
+) -> Action {
+    let delay = context.backoff(&handshake);
+    warn!(handshake = %handshake.name_any(), namespace = handshake.namespace().unwrap_or_default(), %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// Brings the Bundle in line with the source Secret; returns what was seen.
+async fn sync(handshake: &FleetHandshake, context: &Context) -> Result<Observation, Error> {
+    if let Some(message) = invalid_spec(handshake) {
+        return Ok(Observation::InvalidSpec { message });
+    }
+    let namespace = handshake.namespace().unwrap_or_default();
+    let name = handshake.name_any();
+    let (source_namespace, source_name) = source_of(handshake);
+    let secrets: Api<Secret> = Api::namespaced(context.client.clone(), source_namespace);
+    let bundles: Api<Bundle> = Api::namespaced(context.client.clone(), &namespace);
+
+    let source = secrets
+        .get_opt(source_name)
+        .await
+        .map_err(|source| Error::Read {
+            what: "source Secret",
+            source,
+        })?;
+    let observed = bundles.get_opt(&name).await.map_err(|source| Error::Read {
+        what: "Bundle",
+        source,
+    })?;
+
+    if let Some(observed) = &observed
+        && !is_controlled_by(observed, handshake)
+    {
+        return Ok(Observation::BundleConflict {
+            bundle: format!("{namespace}/{name}"),
+        });
+    }
+
+    let Some(source) = source else {
+        // The copy must not outlive its source: remove the Bundle, and Fleet
+        // removes the Secret from every target cluster.
+        if let Some(observed) = observed {
+            delete_bundle(&bundles, &observed, context).await?;
+        }
+        return Ok(Observation::SourceMissing {
+            namespace: source_namespace.to_string(),
+            name: source_name.to_string(),
+        });
+    };
+
+    let desired = render::render_bundle(handshake, &source)?;
+    let current = match observed {
+        Some(observed) if is_up_to_date(&desired, &observed) => {
+            debug!("Bundle is up to date");
+            observed
+        }
+        _ => {
+            let applied = bundles
+                .patch(
+                    &name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&desired),
+                )
+                .await
+                .map_err(|source| Error::ApplyBundle { source })?;
+            context.metrics.bundle_written("apply");
+            info!(bundle = %name, "Bundle applied");
+            applied
+        }
+    };
+    Ok(Observation::Applied {
+        bundle: format!("{namespace}/{name}"),
+        bundle_generation: current.metadata.generation,
+        fleet: current.status,
+    })
+}
+
+/// Deletes our Bundle, only if it is still the object we looked at.
+async fn delete_bundle(
+    bundles: &Api<Bundle>,
+    observed: &Bundle,
+    context: &Context,
+) -> Result<(), Error> {
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: observed.metadata.uid.clone(),
+            resource_version: None,
+        }),
+        ..DeleteParams::background()
+    };
+    match bundles.delete(&observed.name_any(), &params).await {
+        Ok(_) => {
+            context.metrics.bundle_written("delete");
+            info!(bundle = %observed.name_any(), "Bundle deleted: source Secret is gone");
+            Ok(())
+        }
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(source) => Err(Error::DeleteBundle { source }),
+    }
+}
+
+/// Spec problems the CRD schema cannot express.
+fn invalid_spec(handshake: &FleetHandshake) -> Option<String> {
+    if handshake.spec.targets.is_empty() {
+        return Some("spec.targets is empty: the Secret would reach no cluster.".to_string());
+    }
+    let without_criteria: Vec<String> = handshake
+        .spec
+        .targets
+        .iter()
+        .enumerate()
+        .filter(|(_, target)| !target.has_criteria())
+        .map(|(index, _)| index.to_string())
+        .collect();
+    (!without_criteria.is_empty()).then(|| {
+        format!(
+            "spec.targets[{}] has no clusterName, clusterSelector, clusterGroup or clusterGroupSelector, so Fleet would match no cluster with it.",
+            without_criteria.join(", ")
+        )
+    })
+}
+
+/// Writes the status if it differs from the stored one, and records an event
+/// when the status word changes.
+async fn write_status(
+    handshake: &FleetHandshake,
+    observation: &Observation,
+    context: &Context,
+) -> Result<(), Error> {
+    let previous = handshake.status.as_ref();
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let status = compute_status(handshake.metadata.generation, observation, previous, &now);
+    if previous == Some(&status) {
+        return Ok(());
+    }
+    let api: Api<FleetHandshake> = Api::namespaced(
+        context.client.clone(),
+        &handshake.namespace().unwrap_or_default(),
+    );
+    let patch = json!({
+        "apiVersion": FleetHandshake::api_version(&()),
+        "kind": FleetHandshake::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &handshake.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(|source| Error::WriteStatus { source })?;
+    context.metrics.status_written();
+    if previous.and_then(|status| status.status) != status.status {
+        publish_event(handshake, &status, context).await;
+    }
+    Ok(())
+}
+
+/// Records the new state as a Kubernetes event; failure to record is logged,
+/// not retried (events are best effort).
+async fn publish_event(
+    handshake: &FleetHandshake,
+    status: &FleetHandshakeStatus,
+    context: &Context,
+) {
+    let Some(word) = status.status else { return };
+    let ready = status
+        .conditions
+        .iter()
+        .find(|condition| condition.type_ == READY);
+    let event = Event {
+        type_: match word {
+            SyncStatus::Error | SyncStatus::Missing => EventType::Warning,
+            SyncStatus::Pending | SyncStatus::Synced => EventType::Normal,
+        },
+        reason: ready
+            .map(|condition| condition.reason.clone())
+            .unwrap_or_else(|| word.as_str().to_string()),
+        note: ready.map(|condition| condition.message.clone()),
+        action: "Reconcile".to_string(),
+        secondary: None,
+    };
+    info!(status = word.as_str(), reason = %event.reason, "status changed");
+    if let Err(error) = context
+        .recorder
+        .publish(&event, &handshake.object_ref(&()))
+        .await
+    {
+        warn!(error = %describe(&error), "recording event failed");
+    }
+}
