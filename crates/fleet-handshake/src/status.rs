@@ -278,3 +278,671 @@ fn assess_delivery(
         ready_clusters,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::jiff::Timestamp;
+    use serde_json::json;
+
+    use super::*;
+    use crate::api::BundleSummary;
+    use crate::api::fleet::NonReadyResource;
+
+    fn at(second: i64) -> Time {
+        Time(Timestamp::from_second(second).expect("a valid time"))
+    }
+
+    const T0: i64 = 1_700_000_000;
+
+    fn summary(desired_ready: i64, ready: i64) -> BundleSummary {
+        BundleSummary {
+            desired_ready,
+            ready,
+            ..BundleSummary::default()
+        }
+    }
+
+    fn fleet(observed_generation: Option<i64>, summary: Option<BundleSummary>) -> BundleStatus {
+        BundleStatus {
+            observed_generation,
+            summary,
+            ..BundleStatus::default()
+        }
+    }
+
+    fn applied(fleet: Option<BundleStatus>) -> Observation {
+        Observation::Applied {
+            bundle: "fleet-default/my-handshake".to_string(),
+            bundle_generation: Some(2),
+            fleet,
+        }
+    }
+
+    fn synced() -> Observation {
+        applied(Some(fleet(Some(2), Some(summary(2, 2)))))
+    }
+
+    fn compute(observation: &Observation) -> FleetHandshakeStatus {
+        compute_status(Some(5), observation, None, &at(T0))
+    }
+
+    fn condition<'a>(status: &'a FleetHandshakeStatus, type_: &str) -> &'a Condition {
+        let matching: Vec<&Condition> = status
+            .conditions
+            .iter()
+            .filter(|condition| condition.type_ == type_)
+            .collect();
+        assert_eq!(matching.len(), 1, "exactly one {type_} condition");
+        matching[0]
+    }
+
+    /// `(status, reason)` of a condition.
+    fn state<'a>(status: &'a FleetHandshakeStatus, type_: &str) -> (&'a str, &'a str) {
+        let condition = condition(status, type_);
+        (condition.status.as_str(), condition.reason.as_str())
+    }
+
+    fn message<'a>(status: &'a FleetHandshakeStatus, type_: &str) -> &'a str {
+        condition(status, type_).message.as_str()
+    }
+
+    /// Checks the shape every status has: the three conditions in order,
+    /// each with the generation and a reason.
+    fn assert_well_formed(status: &FleetHandshakeStatus, generation: Option<i64>) {
+        let types: Vec<&str> = status
+            .conditions
+            .iter()
+            .map(|condition| condition.type_.as_str())
+            .collect();
+        assert_eq!(types, [READY, BUNDLE_APPLIED, DELIVERED]);
+        assert_eq!(status.observed_generation, generation);
+        for condition in &status.conditions {
+            assert_eq!(
+                condition.observed_generation, generation,
+                "{}",
+                condition.type_
+            );
+            assert!(!condition.reason.is_empty());
+            assert!(!condition.message.is_empty(), "{}", condition.type_);
+            assert!(["True", "False", "Unknown"].contains(&condition.status.as_str()));
+        }
+    }
+
+    // ---- every observation ----------------------------------------------
+
+    #[test]
+    fn invalid_spec() {
+        let explanation = "spec.targets[0] has no clusterName.";
+        let status = compute(&Observation::InvalidSpec {
+            message: explanation.to_string(),
+        });
+        assert_well_formed(&status, Some(5));
+        assert_eq!(status.status, Some(SyncStatus::Error));
+        assert_eq!(state(&status, READY), ("False", "InvalidSpec"));
+        assert_eq!(message_of_ready(&status), explanation);
+        assert_eq!(state(&status, BUNDLE_APPLIED), ("False", "InvalidSpec"));
+        assert_eq!(message(&status, BUNDLE_APPLIED), explanation);
+        assert_eq!(
+            message(&status, DELIVERED),
+            "Nothing is delivered while the spec is invalid."
+        );
+        assert_eq!(state(&status, DELIVERED), ("False", "NotDelivered"));
+        assert_eq!(status.ready_clusters, None);
+    }
+
+    fn message_of_ready(status: &FleetHandshakeStatus) -> &str {
+        message(status, READY)
+    }
+
+    #[test]
+    fn source_not_allowed() {
+        let status = compute(&Observation::SourceNotAllowed {
+            message: "Secret kube-system/x may not be read from fleet-default.".to_string(),
+        });
+        assert_well_formed(&status, Some(5));
+        assert_eq!(status.status, Some(SyncStatus::Error));
+        assert_eq!(state(&status, READY), ("False", "SourceNotAllowed"));
+        assert_eq!(
+            state(&status, BUNDLE_APPLIED),
+            ("False", "SourceNotAllowed")
+        );
+        assert_eq!(state(&status, DELIVERED), ("False", "NotDelivered"));
+        assert_eq!(
+            message_of_ready(&status),
+            "Secret kube-system/x may not be read from fleet-default."
+        );
+        assert_eq!(status.ready_clusters, None);
+    }
+
+    #[test]
+    fn source_missing() {
+        let status = compute(&Observation::SourceMissing {
+            namespace: "default".to_string(),
+            name: "my-secret".to_string(),
+        });
+        assert_well_formed(&status, Some(5));
+        assert_eq!(status.status, Some(SyncStatus::Missing));
+        assert_eq!(state(&status, READY), ("False", "SourceMissing"));
+        assert_eq!(state(&status, BUNDLE_APPLIED), ("False", "SourceMissing"));
+        assert_eq!(state(&status, DELIVERED), ("False", "NotDelivered"));
+        assert_eq!(
+            message(&status, BUNDLE_APPLIED),
+            "Secret default/my-secret does not exist; the Bundle was removed so no stale copy is delivered."
+        );
+        assert_eq!(message_of_ready(&status), message(&status, BUNDLE_APPLIED));
+        assert_eq!(status.ready_clusters, None);
+    }
+
+    #[test]
+    fn bundle_conflict() {
+        let status = compute(&Observation::BundleConflict {
+            bundle: "fleet-default/my-handshake".to_string(),
+        });
+        assert_well_formed(&status, Some(5));
+        assert_eq!(status.status, Some(SyncStatus::Error));
+        assert_eq!(state(&status, READY), ("False", "BundleConflict"));
+        assert_eq!(state(&status, BUNDLE_APPLIED), ("False", "BundleConflict"));
+        assert_eq!(state(&status, DELIVERED), ("False", "NotDelivered"));
+        assert!(message_of_ready(&status).starts_with(
+            "Bundle fleet-default/my-handshake exists and is not owned by this handshake"
+        ));
+        assert_eq!(status.ready_clusters, None);
+    }
+
+    #[test]
+    fn api_failure() {
+        let status = compute(&Observation::ApiFailure {
+            message: "reading Bundle failed: Forbidden (403)".to_string(),
+        });
+        assert_well_formed(&status, Some(5));
+        assert_eq!(status.status, Some(SyncStatus::Error));
+        assert_eq!(state(&status, READY), ("False", "ApiError"));
+        assert_eq!(state(&status, BUNDLE_APPLIED), ("Unknown", "ApiError"));
+        assert_eq!(state(&status, DELIVERED), ("Unknown", "ApiError"));
+        assert_eq!(
+            message_of_ready(&status),
+            "reading Bundle failed: Forbidden (403)"
+        );
+        assert_eq!(status.ready_clusters, None);
+    }
+
+    #[test]
+    fn applied_and_delivered_everywhere() {
+        let status = compute(&synced());
+        assert_well_formed(&status, Some(5));
+        assert_eq!(status.status, Some(SyncStatus::Synced));
+        assert_eq!(state(&status, READY), ("True", "Synced"));
+        assert_eq!(state(&status, BUNDLE_APPLIED), ("True", "BundleApplied"));
+        assert_eq!(state(&status, DELIVERED), ("True", "AllClustersReady"));
+        assert_eq!(
+            message(&status, BUNDLE_APPLIED),
+            "Bundle fleet-default/my-handshake matches the source Secret."
+        );
+        assert_eq!(message(&status, DELIVERED), "Delivered to 2/2 clusters.");
+        assert_eq!(message_of_ready(&status), "Delivered to 2/2 clusters.");
+        assert_eq!(status.ready_clusters.as_deref(), Some("2/2"));
+    }
+
+    #[test]
+    fn conditions_carry_the_generation_and_none_when_unknown() {
+        for generation in [Some(1), Some(42), None] {
+            let status = compute_status(generation, &synced(), None, &at(T0));
+            assert_well_formed(&status, generation);
+        }
+    }
+
+    #[test]
+    fn first_status_stamps_every_condition_with_now() {
+        let status = compute(&synced());
+        for condition in &status.conditions {
+            assert_eq!(
+                condition.last_transition_time,
+                at(T0),
+                "{}",
+                condition.type_
+            );
+        }
+    }
+
+    #[test]
+    fn wire_form_has_the_original_status_word_and_condition_fields() {
+        let status = compute(&synced());
+        let wire = serde_json::to_value(&status).unwrap();
+        assert_eq!(wire["status"], "Synced");
+        assert_eq!(wire["observedGeneration"], 5);
+        assert_eq!(wire["readyClusters"], "2/2");
+        assert_eq!(
+            wire["conditions"][0],
+            json!({
+                "type": "Ready",
+                "status": "True",
+                "reason": "Synced",
+                "message": "Delivered to 2/2 clusters.",
+                "observedGeneration": 5,
+                "lastTransitionTime": "2023-11-14T22:13:20Z",
+            })
+        );
+        let back: FleetHandshakeStatus = serde_json::from_value(wire).unwrap();
+        assert_eq!(back, status);
+        for word in [
+            SyncStatus::Pending,
+            SyncStatus::Missing,
+            SyncStatus::Synced,
+            SyncStatus::Error,
+        ] {
+            assert_eq!(serde_json::to_value(word).unwrap(), json!(word.as_str()));
+        }
+    }
+
+    // ---- delivery -------------------------------------------------------
+
+    /// `(status word, Delivered reason, Ready reason, readyClusters)`.
+    fn delivery(
+        bundle_generation: Option<i64>,
+        fleet: Option<BundleStatus>,
+    ) -> (SyncStatus, String, String, Option<String>) {
+        let status = compute(&Observation::Applied {
+            bundle: "fleet-default/my-handshake".to_string(),
+            bundle_generation,
+            fleet,
+        });
+        assert_well_formed(&status, Some(5));
+        assert_eq!(state(&status, BUNDLE_APPLIED), ("True", "BundleApplied"));
+        (
+            status.status.unwrap(),
+            condition(&status, DELIVERED).reason.clone(),
+            condition(&status, READY).reason.clone(),
+            status.ready_clusters,
+        )
+    }
+
+    #[test]
+    fn no_fleet_status_is_waiting_for_fleet() {
+        let status = compute(&applied(None));
+        assert_eq!(status.status, Some(SyncStatus::Pending));
+        assert_eq!(state(&status, DELIVERED), ("Unknown", "WaitingForFleet"));
+        assert_eq!(state(&status, READY), ("False", "WaitingForFleet"));
+        assert_eq!(
+            message_of_ready(&status),
+            "Fleet has not yet processed the current Bundle."
+        );
+        assert_eq!(status.ready_clusters, None);
+
+        // A status without a summary is no report either.
+        let (word, delivered, _, clusters) = delivery(Some(2), Some(fleet(Some(2), None)));
+        assert_eq!(
+            (word, delivered.as_str(), clusters),
+            (SyncStatus::Pending, "WaitingForFleet", None)
+        );
+    }
+
+    #[test]
+    fn fleet_behind_the_bundle_generation_is_waiting() {
+        // Even a summary that says all is ready describes an older Bundle.
+        let (word, delivered, ready, clusters) =
+            delivery(Some(3), Some(fleet(Some(2), Some(summary(2, 2)))));
+        assert_eq!(word, SyncStatus::Pending);
+        assert_eq!(delivered, "WaitingForFleet");
+        assert_eq!(ready, "WaitingForFleet");
+        assert_eq!(clusters, None);
+
+        // Caught up (or ahead) counts as current.
+        for observed in [3, 4] {
+            let (word, delivered, _, _) =
+                delivery(Some(3), Some(fleet(Some(observed), Some(summary(2, 2)))));
+            assert_eq!(word, SyncStatus::Synced, "observed {observed}");
+            assert_eq!(delivered, "AllClustersReady");
+        }
+    }
+
+    #[test]
+    fn missing_generations_trust_the_summary() {
+        for (bundle_generation, observed) in [(Some(3), None), (None, Some(1)), (None, None)] {
+            let (word, delivered, _, clusters) = delivery(
+                bundle_generation,
+                Some(fleet(observed, Some(summary(1, 1)))),
+            );
+            assert_eq!(
+                word,
+                SyncStatus::Synced,
+                "{bundle_generation:?} {observed:?}"
+            );
+            assert_eq!(delivered, "AllClustersReady");
+            assert_eq!(clusters.as_deref(), Some("1/1"));
+        }
+    }
+
+    #[test]
+    fn no_matching_clusters() {
+        let status = compute(&applied(Some(fleet(Some(2), Some(summary(0, 0))))));
+        assert_eq!(status.status, Some(SyncStatus::Pending));
+        assert_eq!(state(&status, DELIVERED), ("False", "NoMatchingClusters"));
+        assert_eq!(state(&status, READY), ("False", "NoMatchingClusters"));
+        assert!(
+            message_of_ready(&status).starts_with("No Fleet cluster in this namespace matches")
+        );
+        assert_eq!(status.ready_clusters.as_deref(), Some("0/0"));
+    }
+
+    #[test]
+    fn delivery_failed_names_the_clusters_and_nothing_else() {
+        let fleet_detail = "helm error: cannot patch Secret with data password=hunter2";
+        let status = compute(&applied(Some(BundleStatus {
+            observed_generation: Some(2),
+            conditions: vec![Condition {
+                type_: "Ready".to_string(),
+                status: "False".to_string(),
+                reason: "Error".to_string(),
+                message: fleet_detail.to_string(),
+                observed_generation: Some(2),
+                last_transition_time: at(T0 - 60),
+            }],
+            summary: Some(BundleSummary {
+                desired_ready: 3,
+                ready: 1,
+                err_applied: 1,
+                wait_applied: 1,
+                non_ready_resources: vec![
+                    NonReadyResource {
+                        name: "downstream-a".to_string(),
+                        bundle_state: "ErrApplied".to_string(),
+                        message: fleet_detail.to_string(),
+                    },
+                    NonReadyResource {
+                        name: "downstream-b".to_string(),
+                        bundle_state: "WaitApplied".to_string(),
+                        message: fleet_detail.to_string(),
+                    },
+                ],
+                ..BundleSummary::default()
+            }),
+            extra: [("display".to_string(), json!({"message": fleet_detail}))]
+                .into_iter()
+                .collect(),
+        })));
+        assert_well_formed(&status, Some(5));
+        assert_eq!(status.status, Some(SyncStatus::Error));
+        assert_eq!(state(&status, DELIVERED), ("False", "DeliveryFailed"));
+        assert_eq!(state(&status, READY), ("False", "DeliveryFailed"));
+        assert_eq!(
+            message(&status, DELIVERED),
+            "Fleet failed to apply on 1 of 3 clusters. Not ready: downstream-a (ErrApplied), downstream-b (WaitApplied)."
+        );
+        assert_eq!(message_of_ready(&status), message(&status, DELIVERED));
+        assert_eq!(status.ready_clusters.as_deref(), Some("1/3"));
+        let everything = serde_json::to_string(&status).unwrap();
+        assert!(!everything.contains("hunter2"));
+        assert!(!everything.contains("helm error"));
+    }
+
+    #[test]
+    fn delivery_failed_without_details() {
+        let status = compute(&applied(Some(fleet(
+            Some(2),
+            Some(BundleSummary {
+                err_applied: 2,
+                ..summary(2, 0)
+            }),
+        ))));
+        assert_eq!(status.status, Some(SyncStatus::Error));
+        assert_eq!(
+            message(&status, DELIVERED),
+            "Fleet failed to apply on 2 of 2 clusters."
+        );
+    }
+
+    #[test]
+    fn partially_ready_is_in_progress() {
+        let status = compute(&applied(Some(fleet(
+            Some(2),
+            Some(BundleSummary {
+                wait_applied: 1,
+                non_ready_resources: vec![NonReadyResource {
+                    name: "downstream-c".to_string(),
+                    bundle_state: "WaitApplied".to_string(),
+                    message: "agent is busy".to_string(),
+                }],
+                ..summary(3, 2)
+            }),
+        ))));
+        assert_eq!(status.status, Some(SyncStatus::Pending));
+        assert_eq!(state(&status, DELIVERED), ("False", "InProgress"));
+        assert_eq!(state(&status, READY), ("False", "InProgress"));
+        assert_eq!(
+            message(&status, DELIVERED),
+            "Ready on 2/3 clusters. Not ready: downstream-c (WaitApplied)."
+        );
+        assert_eq!(status.ready_clusters.as_deref(), Some("2/3"));
+
+        let bare = compute(&applied(Some(fleet(Some(2), Some(summary(4, 0))))));
+        assert_eq!(bare.status, Some(SyncStatus::Pending));
+        assert_eq!(message(&bare, DELIVERED), "Ready on 0/4 clusters.");
+        assert_eq!(bare.ready_clusters.as_deref(), Some("0/4"));
+    }
+
+    #[test]
+    fn summary_parsed_from_fleet_json_maps_like_the_typed_one() {
+        let fleet: BundleStatus = serde_json::from_value(json!({
+            "observedGeneration": 2,
+            "summary": {
+                "desiredReady": 2,
+                "ready": 1,
+                "errApplied": 1,
+                "nonReadyResources": [
+                    {"name": "c1", "bundleState": "ErrApplied", "message": "boom"}
+                ],
+            },
+            "display": {"readyClusters": "1/2", "state": "ErrApplied"},
+            "resourcesSha256Sum": "abc",
+        }))
+        .unwrap();
+        let status = compute(&applied(Some(fleet)));
+        assert_eq!(status.status, Some(SyncStatus::Error));
+        assert_eq!(
+            message(&status, DELIVERED),
+            "Fleet failed to apply on 1 of 2 clusters. Not ready: c1 (ErrApplied)."
+        );
+        assert_eq!(status.ready_clusters.as_deref(), Some("1/2"));
+    }
+
+    // ---- lastTransitionTime and determinism -----------------------------
+
+    fn every_observation() -> Vec<Observation> {
+        vec![
+            Observation::InvalidSpec {
+                message: "bad".to_string(),
+            },
+            Observation::SourceNotAllowed {
+                message: "no".to_string(),
+            },
+            Observation::SourceMissing {
+                namespace: "default".to_string(),
+                name: "my-secret".to_string(),
+            },
+            Observation::BundleConflict {
+                bundle: "fleet-default/my-handshake".to_string(),
+            },
+            Observation::ApiFailure {
+                message: "reading Bundle failed: Forbidden (403)".to_string(),
+            },
+            applied(None),
+            applied(Some(fleet(Some(1), Some(summary(2, 2))))),
+            applied(Some(fleet(Some(2), Some(summary(0, 0))))),
+            synced(),
+            applied(Some(fleet(
+                Some(2),
+                Some(BundleSummary {
+                    err_applied: 1,
+                    ..summary(2, 1)
+                }),
+            ))),
+            applied(Some(fleet(Some(2), Some(summary(2, 1))))),
+        ]
+    }
+
+    #[test]
+    fn recomputing_an_unchanged_observation_changes_nothing() {
+        for observation in every_observation() {
+            let first = compute_status(Some(5), &observation, None, &at(T0));
+            let second = compute_status(Some(5), &observation, Some(&first), &at(T0 + 3600));
+            assert_eq!(second, first, "{observation:?}");
+            // Also after the status went through the API server.
+            let stored: FleetHandshakeStatus =
+                serde_json::from_value(serde_json::to_value(&first).unwrap()).unwrap();
+            let third = compute_status(Some(5), &observation, Some(&stored), &at(T0 + 7200));
+            assert_eq!(third, stored, "{observation:?}");
+        }
+    }
+
+    #[test]
+    fn a_new_generation_with_the_same_state_keeps_transition_times() {
+        let first = compute_status(Some(5), &synced(), None, &at(T0));
+        let second = compute_status(Some(6), &synced(), Some(&first), &at(T0 + 60));
+        assert_well_formed(&second, Some(6));
+        for condition in &second.conditions {
+            assert_eq!(
+                condition.last_transition_time,
+                at(T0),
+                "{}",
+                condition.type_
+            );
+        }
+    }
+
+    #[test]
+    fn transition_time_kept_when_only_the_reason_changes() {
+        // Delivered: False/InProgress -> False/DeliveryFailed.
+        let in_progress = applied(Some(fleet(Some(2), Some(summary(2, 1)))));
+        let failed = applied(Some(fleet(
+            Some(2),
+            Some(BundleSummary {
+                err_applied: 1,
+                ..summary(2, 1)
+            }),
+        )));
+        let first = compute_status(Some(5), &in_progress, None, &at(T0));
+        let second = compute_status(Some(5), &failed, Some(&first), &at(T0 + 60));
+        assert_eq!(second.status, Some(SyncStatus::Error));
+        assert_eq!(state(&second, DELIVERED), ("False", "DeliveryFailed"));
+        assert_eq!(state(&second, READY), ("False", "DeliveryFailed"));
+        for condition in &second.conditions {
+            assert_eq!(
+                condition.last_transition_time,
+                at(T0),
+                "{}",
+                condition.type_
+            );
+        }
+    }
+
+    #[test]
+    fn transition_time_is_now_for_conditions_whose_status_changed() {
+        // Delivered: Unknown/WaitingForFleet -> True; Ready False -> True;
+        // BundleApplied stays True.
+        let first = compute_status(Some(5), &applied(None), None, &at(T0));
+        let second = compute_status(Some(5), &synced(), Some(&first), &at(T0 + 60));
+        assert_eq!(
+            condition(&second, BUNDLE_APPLIED).last_transition_time,
+            at(T0)
+        );
+        assert_eq!(
+            condition(&second, DELIVERED).last_transition_time,
+            at(T0 + 60)
+        );
+        assert_eq!(condition(&second, READY).last_transition_time, at(T0 + 60));
+
+        // And back: the source disappears. Every status flips.
+        let third = compute_status(
+            Some(5),
+            &Observation::SourceMissing {
+                namespace: "default".to_string(),
+                name: "my-secret".to_string(),
+            },
+            Some(&second),
+            &at(T0 + 120),
+        );
+        for condition in &third.conditions {
+            assert_eq!(
+                condition.last_transition_time,
+                at(T0 + 120),
+                "{}",
+                condition.type_
+            );
+        }
+
+        // Unknown -> False is a change too.
+        let api = compute_status(
+            Some(5),
+            &Observation::ApiFailure {
+                message: "x".to_string(),
+            },
+            None,
+            &at(T0),
+        );
+        let after = compute_status(
+            Some(5),
+            &Observation::InvalidSpec {
+                message: "y".to_string(),
+            },
+            Some(&api),
+            &at(T0 + 1),
+        );
+        assert_eq!(condition(&after, READY).last_transition_time, at(T0));
+        assert_eq!(
+            condition(&after, BUNDLE_APPLIED).last_transition_time,
+            at(T0 + 1)
+        );
+        assert_eq!(
+            condition(&after, DELIVERED).last_transition_time,
+            at(T0 + 1)
+        );
+    }
+
+    #[test]
+    fn transition_time_is_taken_only_from_the_same_condition_type() {
+        // A previous status where only Ready is known, and True.
+        let previous = FleetHandshakeStatus {
+            status: Some(SyncStatus::Synced),
+            observed_generation: Some(5),
+            conditions: vec![Condition {
+                type_: READY.to_string(),
+                status: "True".to_string(),
+                reason: "Synced".to_string(),
+                message: "old".to_string(),
+                observed_generation: Some(4),
+                last_transition_time: at(T0 - 1000),
+            }],
+            ready_clusters: Some("2/2".to_string()),
+        };
+        let status = compute_status(Some(5), &synced(), Some(&previous), &at(T0));
+        assert_eq!(
+            condition(&status, READY).last_transition_time,
+            at(T0 - 1000)
+        );
+        // BundleApplied and Delivered are True too, but new.
+        assert_eq!(
+            condition(&status, BUNDLE_APPLIED).last_transition_time,
+            at(T0)
+        );
+        assert_eq!(condition(&status, DELIVERED).last_transition_time, at(T0));
+        // Old message and generation are not carried over.
+        assert_eq!(message_of_ready(&status), "Delivered to 2/2 clusters.");
+        assert_eq!(condition(&status, READY).observed_generation, Some(5));
+    }
+
+    #[test]
+    fn unrelated_previous_conditions_are_dropped() {
+        let mut previous = compute(&synced());
+        previous.conditions.push(Condition {
+            type_: "SomethingElse".to_string(),
+            status: "True".to_string(),
+            reason: "Old".to_string(),
+            message: "from an older operator".to_string(),
+            observed_generation: Some(1),
+            last_transition_time: at(T0 - 1),
+        });
+        let status = compute_status(Some(5), &synced(), Some(&previous), &at(T0 + 1));
+        assert_well_formed(&status, Some(5));
+        assert_ne!(status, previous);
+    }
+}

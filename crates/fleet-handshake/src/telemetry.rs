@@ -26,13 +26,24 @@ pub enum LogFormat {
     Json,
 }
 
+/// Crates whose verbose levels print request or response bytes (TLS
+/// records, HTTP/2 frames, connection buffers). They are capped whatever the
+/// configured filter says, because those bytes include Secret data.
+const PAYLOAD_LOGGING_CRATES: [&str; 5] = ["rustls", "h2", "hyper", "hyper_util", "tower"];
+
 /// Installs the global log subscriber. `filter` is an `EnvFilter` directive
 /// such as `info` or `fleet_handshake=debug,kube=info`.
 pub fn init_logging(filter: &str, format: LogFormat) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(filter)?;
+    let filter =
+        PAYLOAD_LOGGING_CRATES
+            .iter()
+            .try_fold(EnvFilter::try_new(filter)?, |filter, krate| {
+                Ok::<_, anyhow::Error>(filter.add_directive(format!("{krate}=info").parse()?))
+            })?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),

@@ -37,10 +37,7 @@ const EXECUTABLES: [&str; 3] = ["etcd", "kube-apiserver", "kube-controller-manag
 
 /// The repository's Go module that pins the control-plane versions.
 pub fn go_module_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("..")
-        .join("testenv")
+    crate::repository_root().join("testenv")
 }
 
 /// A directory holding the three control-plane executables.
@@ -181,7 +178,11 @@ fn collect_go_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 /// Runs `go build` into a scratch directory next to the cache entry and
 /// renames it into place, so readers never see a half-written build.
 fn build(module: &Path, root: &Path, key: &str) -> Result<()> {
-    let go_version = go_version()?;
+    let go_version = go_version(&format!(
+        "to build etcd, kube-apiserver and kube-controller-manager from {} \
+         (or set {BIN_DIR_ENV} to a directory holding the three)",
+        module.display()
+    ))?;
     let scratch = root.join(format!(".build-{key}-{}", std::process::id()));
     if scratch.exists() {
         fs::remove_dir_all(&scratch)
@@ -191,11 +192,12 @@ fn build(module: &Path, root: &Path, key: &str) -> Result<()> {
     let log_path = scratch.join("build.log");
     let log = fs::File::create(&log_path)?;
 
-    tracing::info!(
-        %go_version,
-        target = %root.join(key).display(),
-        "building etcd, kube-apiserver and kube-controller-manager (a cold Go cache takes 10-25 minutes)"
-    );
+    notice(&format!(
+        "building etcd, kube-apiserver and kube-controller-manager with {go_version} \
+         into {} (10-25 minutes on a cold Go build cache; log: {})",
+        root.join(key).display(),
+        log_path.display()
+    ));
     let started = Instant::now();
     let status = Command::new("go")
         .arg("build")
@@ -221,15 +223,24 @@ fn build(module: &Path, root: &Path, key: &str) -> Result<()> {
     Binaries::from_dir(&scratch).context("go build succeeded but produced incomplete output")?;
     fs::rename(&scratch, root.join(key))
         .with_context(|| format!("moving build into {}", root.join(key).display()))?;
-    tracing::info!(
-        seconds = started.elapsed().as_secs(),
-        "control-plane binaries built"
-    );
+    notice(&format!(
+        "control-plane binaries built in {}s",
+        started.elapsed().as_secs()
+    ));
     Ok(())
 }
 
-/// `go version` output, or an error that says how to get Go.
-pub(crate) fn go_version() -> Result<String> {
+/// Tells whoever watches that a long build is running. Writes to the stderr
+/// handle directly because the test harness swallows `eprintln!` output of
+/// passing tests, and a silent 20-minute test looks hung.
+fn notice(message: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "testenv: {message}");
+}
+
+/// `go version` output, or an error that says how to get Go and why
+/// (`purpose` completes "it is needed …").
+pub(crate) fn go_version(purpose: &str) -> Result<String> {
     match Command::new("go")
         .arg("version")
         .stdin(Stdio::null())
@@ -243,12 +254,9 @@ pub(crate) fn go_version() -> Result<String> {
             String::from_utf8_lossy(&out.stderr).trim()
         ),
         Err(err) if err.kind() == ErrorKind::NotFound => bail!(
-            "the Go toolchain (`go`) is not on PATH. It is needed to build etcd, \
-             kube-apiserver and kube-controller-manager from {} (once per version pin) \
-             and to fetch the Fleet CRDs. Install Go (e.g. `apt-get install golang-go`; \
-             a Go older than the module's `go` line fetches the right toolchain itself), \
-             or point {BIN_DIR_ENV} at a directory with the three executables",
-            go_module_dir().display()
+            "the Go toolchain (`go`) is not on PATH; it is needed {purpose}. \
+             Install Go 1.21 or newer (it fetches the exact toolchain the module asks \
+             for through the Go module proxy; Debian 12's golang-go is 1.19, too old)"
         ),
         Err(err) => Err(err).context("running `go version`"),
     }

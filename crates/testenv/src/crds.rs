@@ -75,8 +75,11 @@ pub fn fleet_crd_file() -> Result<PathBuf> {
         error: Option<String>,
     }
 
-    crate::binaries::go_version()?;
     let module = format!("{FLEET_MODULE}@{FLEET_VERSION}");
+    crate::binaries::go_version(&format!(
+        "to fetch Fleet's CRDs from the {module} module \
+         (or set {FLEET_CRDS_ENV} to that module's {FLEET_CRD_FILE})"
+    ))?;
     let out = Command::new("go")
         .args(["mod", "download", "-json", &module])
         // Outside any module, so the download cannot touch a go.mod/go.sum.
@@ -87,7 +90,9 @@ pub fn fleet_crd_file() -> Result<PathBuf> {
         .context("running go mod download")?;
     let parsed: Option<Download> = serde_json::from_slice(&out.stdout).ok();
     match parsed {
-        Some(Download { error: Some(err), .. }) => {
+        Some(Download {
+            error: Some(err), ..
+        }) => {
             bail!("go mod download {module} failed: {err}")
         }
         Some(Download { dir: Some(dir), .. }) if out.status.success() => {

@@ -107,9 +107,15 @@ pub(crate) fn xdg_cache_home() -> Result<PathBuf> {
 }
 
 /// `$XDG_STATE_HOME`, defaulting to `~/.local/state`.
-pub(crate) fn xdg_state_home() -> Result<PathBuf> {
+fn xdg_state_home() -> Result<PathBuf> {
     match std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
         Some(dir) => Ok(PathBuf::from(dir)),
         None => Ok(home()?.join(".local").join("state")),
     }
+}
+
+/// Default state directory of `testenv up`/`down`:
+/// `$XDG_STATE_HOME/fleet-handshake/testenv` (default `~/.local/state/…`).
+pub(crate) fn default_state_dir() -> Result<PathBuf> {
+    Ok(xdg_state_home()?.join("fleet-handshake").join("testenv"))
 }

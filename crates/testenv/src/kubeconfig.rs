@@ -165,7 +165,10 @@ mod tests {
         let round_trip = Endpoint::from_config(&config);
         assert_eq!(round_trip.server, endpoint.server);
         assert_eq!(
-            round_trip.ca_pem.as_deref().map(|p| p.replace("\r\n", "\n")),
+            round_trip
+                .ca_pem
+                .as_deref()
+                .map(|p| p.replace("\r\n", "\n")),
             Some(pki.ca_cert_pem.replace("\r\n", "\n"))
         );
     }

@@ -132,7 +132,8 @@ pub(crate) fn der_certs_to_pem(certs: &[Vec<u8>]) -> String {
 }
 
 /// Decodes every `CERTIFICATE` block of a PEM bundle into DER, the form
-/// [`kube::Config::root_cert`] expects.
+/// [`kube::Config::root_cert`] holds; the inverse of [`der_certs_to_pem`].
+#[cfg(test)]
 pub(crate) fn pem_certs_to_der(pem: &str) -> Result<Vec<Vec<u8>>> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut certs = Vec::new();
@@ -161,7 +162,10 @@ mod tests {
         let pki = Pki::generate().unwrap();
         let der = pem_certs_to_der(&pki.ca_cert_pem).unwrap();
         assert_eq!(der.len(), 1);
-        assert_eq!(der_certs_to_pem(&der), pki.ca_cert_pem.replace("\r\n", "\n"));
+        assert_eq!(
+            der_certs_to_pem(&der),
+            pki.ca_cert_pem.replace("\r\n", "\n")
+        );
     }
 
     #[test]

@@ -47,7 +47,14 @@ fn spawn_from_immortal_thread(mut command: Command) -> std::io::Result<Child> {
     // async-signal-safe system calls (prctl, getppid, _exit).
     unsafe {
         command.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             // The parent may have died before prctl took effect; then no
@@ -136,12 +143,20 @@ impl ManagedProcess {
     }
 }
 
-/// A loopback TCP port that was free a moment ago. Another process can grab
-/// it before the component binds it; callers retry startup on bind errors.
-pub(crate) fn free_port() -> Result<u16> {
-    let listener =
-        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("finding a free loopback port")?;
-    Ok(listener.local_addr()?.port())
+/// Distinct loopback TCP ports that were free a moment ago. All listeners are
+/// held until every port is picked, so the kernel cannot hand out one twice.
+/// Another process can still grab a port before the component binds it;
+/// startup is retried on bind errors.
+pub(crate) fn free_ports<const N: usize>() -> Result<[u16; N]> {
+    let listeners = (0..N)
+        .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("finding free loopback ports")?;
+    let mut ports = [0u16; N];
+    for (port, listener) in ports.iter_mut().zip(&listeners) {
+        *port = listener.local_addr()?.port();
+    }
+    Ok(ports)
 }
 
 /// Whether etcd's `/health` endpoint on `port` reports healthy. A raw
@@ -156,8 +171,9 @@ pub(crate) fn etcd_healthy(port: u16) -> bool {
         stream.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
         let mut response = String::new();
         stream.read_to_string(&mut response)?;
-        Ok(response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"))
-            && response.contains("\"health\":\"true\"")
+        let status_ok =
+            response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200");
+        Ok(status_ok && response.contains("\"health\":\"true\""))
     };
     probe().unwrap_or(false)
 }
@@ -165,6 +181,14 @@ pub(crate) fn etcd_healthy(port: u16) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_ports_are_distinct() {
+        let ports = free_ports::<4>().unwrap();
+        for (i, a) in ports.iter().enumerate() {
+            assert!(ports[i + 1..].iter().all(|b| a != b), "{ports:?}");
+        }
+    }
 
     #[test]
     fn reports_early_exit_with_log_tail() {

@@ -54,8 +54,9 @@ pub struct BundleResource {
     /// File content, encoded as `encoding` says.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub content: String,
-    /// Empty for plain text, `base64` or `base64+gz`.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
+    /// Empty for plain text, `base64` or `base64+gz`. Always written, so
+    /// that an encoding set by someone else counts as a difference.
+    #[serde(default)]
     pub encoding: String,
 }
 
@@ -179,4 +180,196 @@ pub struct NonReadyResource {
     /// Fleet's message, e.g. the Helm error.
     #[serde(default)]
     pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// A Bundle as Fleet stores it: with options, status fields and
+    /// metadata this operator does not model.
+    fn stored_bundle() -> Value {
+        json!({
+            "apiVersion": "fleet.cattle.io/v1alpha1",
+            "kind": "Bundle",
+            "metadata": {
+                "name": "my-handshake",
+                "namespace": "fleet-default",
+                "uid": "b6a1d0f4-1111-2222-3333-444444444444",
+                "resourceVersion": "812",
+                "generation": 2,
+                "creationTimestamp": "2024-05-01T10:00:00Z",
+                "labels": {"app.kubernetes.io/managed-by": "fleet-handshake"},
+                "finalizers": ["fleet.cattle.io/bundle-finalizer"],
+            },
+            "spec": {
+                "resources": [{"name": "my-secret.json", "content": "{}\n"}],
+                "targets": [
+                    {"clusterSelector": {"matchLabels": {"env": "dev"}}, "helm": {"releaseName": "x"}},
+                    {"clusterName": "local", "doNotDeploy": false},
+                ],
+                "targetCustomizationMode": "FirstMatch",
+                "defaultNamespace": "default",
+                "helm": {"maxHistory": 2},
+                "rolloutStrategy": {"maxUnavailable": "100%"},
+                "downstreamResources": [{"kind": "Secret", "name": "extra"}],
+            },
+            "status": {
+                "conditions": [{
+                    "type": "Ready",
+                    "status": "True",
+                    "reason": "",
+                    "message": "",
+                    "lastTransitionTime": "2024-05-01T10:01:00Z",
+                }],
+                "summary": {
+                    "desiredReady": 2,
+                    "ready": 1,
+                    "waitApplied": 1,
+                    "nonReadyResources": [{"name": "c1", "bundleState": "WaitApplied"}],
+                },
+                "observedGeneration": 2,
+                "display": {"readyClusters": "1/2", "state": "WaitApplied"},
+                "resourcesSha256Sum": "abc123",
+                "maxNew": 50,
+                "partitions": [{"name": "All", "count": 2}],
+            },
+        })
+    }
+
+    #[test]
+    fn stored_bundle_round_trips_unchanged() {
+        let original = stored_bundle();
+        let bundle: Bundle = serde_json::from_value(original.clone()).unwrap();
+        assert_eq!(bundle.spec.resources.len(), 1);
+        assert_eq!(bundle.spec.targets.len(), 2);
+        assert_eq!(
+            bundle.spec.downstream_resources,
+            vec![DownstreamResource {
+                kind: "Secret".to_string(),
+                name: "extra".to_string(),
+            }]
+        );
+        assert_eq!(
+            bundle
+                .spec
+                .extra
+                .keys()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+            [
+                "defaultNamespace",
+                "helm",
+                "rolloutStrategy",
+                "targetCustomizationMode"
+            ]
+        );
+        let status = bundle.status.as_ref().unwrap();
+        assert_eq!(status.observed_generation, Some(2));
+        let summary = status.summary.as_ref().unwrap();
+        assert_eq!(
+            (summary.desired_ready, summary.ready, summary.wait_applied),
+            (2, 1, 1)
+        );
+        assert_eq!(summary.err_applied, 0);
+        assert_eq!(summary.non_ready_resources[0].bundle_state, "WaitApplied");
+        assert_eq!(summary.non_ready_resources[0].message, "");
+        assert_eq!(status.extra["display"]["readyClusters"], "1/2");
+        assert_eq!(bundle.spec.targets[1].do_not_deploy, Some(false));
+
+        let mut expected = original;
+        // Counts Fleet leaves out are written as zero, and the empty message
+        // of a non-ready resource is written out.
+        let summary = &mut expected["status"]["summary"];
+        for count in ["notReady", "pending", "errApplied", "outOfSync", "modified"] {
+            summary[count] = json!(0);
+        }
+        summary["nonReadyResources"][0]["message"] = json!("");
+        // A resource without an encoding is written with the empty (plain)
+        // encoding; everything else of the spec is exact.
+        let mut spec = stored_bundle()["spec"].clone();
+        for resource in spec["resources"].as_array_mut().unwrap() {
+            resource
+                .as_object_mut()
+                .unwrap()
+                .entry("encoding")
+                .or_insert(json!(""));
+        }
+        expected["spec"] = spec.clone();
+        assert_eq!(serde_json::to_value(&bundle).unwrap(), expected);
+        assert_eq!(serde_json::to_value(&bundle.spec).unwrap(), spec);
+    }
+
+    #[test]
+    fn empty_fields_are_left_out() {
+        assert_eq!(
+            serde_json::to_value(BundleSpec::default()).unwrap(),
+            json!({})
+        );
+        assert_eq!(
+            serde_json::to_value(BundleResource::default()).unwrap(),
+            json!({"encoding": ""}),
+            "the encoding is always written: empty means plain text"
+        );
+        assert_eq!(
+            serde_json::to_value(BundleTarget::default()).unwrap(),
+            json!({})
+        );
+        assert_eq!(
+            serde_json::to_value(BundleStatus::default()).unwrap(),
+            json!({})
+        );
+        let resource = BundleResource {
+            name: "a.json".to_string(),
+            content: "{}".to_string(),
+            encoding: String::new(),
+        };
+        assert_eq!(
+            serde_json::to_value(resource).unwrap(),
+            json!({"name": "a.json", "content": "{}", "encoding": ""})
+        );
+    }
+
+    #[test]
+    fn empty_target_objects_are_kept() {
+        // `clusterSelector: {}` selects every cluster; it must not vanish.
+        let target: BundleTarget = serde_json::from_value(json!({"clusterSelector": {}})).unwrap();
+        assert!(target.cluster_selector.is_some());
+        assert!(target.has_criteria());
+        assert_eq!(
+            serde_json::to_value(&target).unwrap(),
+            json!({"clusterSelector": {}})
+        );
+    }
+
+    #[test]
+    fn criteria() {
+        let parse = |value: Value| serde_json::from_value::<BundleTarget>(value).unwrap();
+        for with in [
+            json!({"clusterName": "local"}),
+            json!({"clusterSelector": {"matchLabels": {"a": "b"}}}),
+            json!({"clusterGroup": "g"}),
+            json!({"clusterGroupSelector": {}}),
+        ] {
+            assert!(parse(with.clone()).has_criteria(), "{with}");
+        }
+        for without in [
+            json!({}),
+            json!({"name": "only-a-name"}),
+            json!({"doNotDeploy": true}),
+            json!({"defaultNamespace": "x", "helm": {"releaseName": "r"}}),
+        ] {
+            assert!(!parse(without.clone()).has_criteria(), "{without}");
+        }
+    }
+
+    #[test]
+    fn bundle_identity() {
+        use kube::Resource;
+        assert_eq!(Bundle::api_version(&()), "fleet.cattle.io/v1alpha1");
+        assert_eq!(Bundle::kind(&()), "Bundle");
+        assert_eq!(Bundle::plural(&()), "bundles");
+    }
 }

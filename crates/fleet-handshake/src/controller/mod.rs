@@ -96,6 +96,7 @@ pub async fn run(
     ready: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let context = Arc::new(Context::new(client.clone(), metrics, settings.clone()));
+    // One scope per watched namespace, or one for the whole cluster.
     let scopes: Vec<Option<String>> = if settings.namespaces.is_empty() {
         vec![None]
     } else {
@@ -108,38 +109,51 @@ pub async fn run(
             .map(|namespace| Api::namespaced(client.clone(), namespace))
             .collect(),
     };
-    let controllers = scopes.into_iter().map(|scope| {
-        let controller = controller_for(&client, scope.as_deref(), &secret_apis);
-        let ready = ready.clone();
-        let store = controller.store();
-        let context = context.clone();
-        async move {
-            let scope_name = scope.as_deref().unwrap_or("<all namespaces>").to_string();
-            tokio::spawn(mark_ready_when_synced(store, ready, scope_name));
-            controller
-                .shutdown_on_signal()
-                .run(reconcile::reconcile, reconcile::error_policy, context)
-                .for_each(|result| async move {
-                    if let Err(error) = result {
-                        warn!(%error, "controller event failed");
-                    }
-                })
-                .await;
-        }
+    let controllers: Vec<Controller<FleetHandshake>> = scopes
+        .iter()
+        .map(|scope| controller_for(&client, scope.as_deref(), &secret_apis))
+        .collect();
+    tokio::spawn(mark_ready_when_synced(
+        controllers.iter().map(Controller::store).collect(),
+        ready,
+    ));
+    let controllers = controllers.into_iter().map(|controller| {
+        controller
+            .shutdown_on_signal()
+            .run(
+                reconcile::reconcile,
+                reconcile::error_policy,
+                context.clone(),
+            )
+            .for_each(|result| async move {
+                if let Err(error) = result {
+                    warn!(%error, "controller event failed");
+                }
+            })
     });
     futures::future::join_all(controllers).await;
     info!("controller stopped");
 }
 
+/// Flags readiness once every scope's handshake cache holds its first list.
 async fn mark_ready_when_synced(
-    store: Store<FleetHandshake>,
+    stores: Vec<Store<FleetHandshake>>,
     ready: Arc<std::sync::atomic::AtomicBool>,
-    scope: String,
 ) {
-    if store.wait_until_ready().await.is_ok() {
-        info!(scope, "handshake cache synced");
-        ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    for store in stores {
+        // The store's readiness signal wakes only its most recent waiter, and
+        // the controller itself waits on it too; polling again now and then
+        // avoids waiting forever.
+        loop {
+            match tokio::time::timeout(Duration::from_millis(250), store.wait_until_ready()).await {
+                Ok(Ok(())) => break,
+                Ok(Err(_)) => return,
+                Err(_) => continue,
+            }
+        }
     }
+    info!("handshake caches synced");
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// The controller for one scope: handshakes and our Bundles in `namespace`

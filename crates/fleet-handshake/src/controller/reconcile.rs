@@ -2,7 +2,7 @@
 //! render, apply, status.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -17,6 +17,9 @@ use super::{Context, FIELD_MANAGER, resync};
 use crate::api::{Bundle, FleetHandshake, FleetHandshakeStatus, SyncStatus};
 use crate::render::{self, RenderError, is_controlled_by, is_up_to_date};
 use crate::status::{Observation, READY, compute_status};
+
+/// How often a handshake blocked by someone else's Bundle looks again.
+const CONFLICT_RECHECK: Duration = Duration::from_secs(10);
 
 /// A failed step of a reconcile. Messages name the step and the API
 /// server's reason, never object content: an API error about a Bundle can
@@ -98,10 +101,17 @@ pub async fn reconcile(
     context
         .metrics
         .observe_reconcile(started.elapsed(), outcome.as_ref().err().map(Error::step));
-    outcome?;
+    let observation = outcome?;
     status_written?;
     context.forget_failures(&handshake);
-    Ok(resync(&context.settings))
+    Ok(match observation {
+        // The other Bundle is not watched (it is not ours); look again soon
+        // so the handshake takes over promptly once it is gone.
+        Observation::BundleConflict { .. } => {
+            Action::requeue(CONFLICT_RECHECK.min(context.settings.resync_interval))
+        }
+        _ => resync(&context.settings),
+    })
 }
 
 pub fn error_policy(

@@ -1,0 +1,340 @@
+//! Shared test support: runs the real `fleet-handshake` binary against the
+//! real control plane, as a ServiceAccount bound to the shipped RBAC.
+
+#![allow(dead_code)] // each test binary uses its own part of this module
+
+use std::future::Future;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use fleet_handshake::api::{Bundle, FleetHandshake};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleBinding};
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client};
+use serde_json::json;
+use testenv::{ControlPlane, ServiceAccountIdentity};
+
+/// Field manager of writes made by the tests themselves.
+pub const TEST_MANAGER: &str = "integration-test";
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` saying
+/// what was awaited.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Applies the shipped ClusterRole (`deploy/rbac.yaml`) as the admin.
+pub async fn apply_shipped_cluster_role(admin: &Client) -> ClusterRole {
+    let text = std::fs::read_to_string(repo_root().join("deploy/rbac.yaml"))
+        .expect("reading deploy/rbac.yaml");
+    let role: ClusterRole =
+        serde_yaml_ng::from_str(&text).expect("deploy/rbac.yaml holds one ClusterRole");
+    let roles: Api<ClusterRole> = Api::all(admin.clone());
+    roles
+        .patch(
+            role.metadata
+                .name
+                .as_deref()
+                .expect("the ClusterRole has a name"),
+            &PatchParams::apply(TEST_MANAGER).force(),
+            &Patch::Apply(&role),
+        )
+        .await
+        .expect("applying the shipped ClusterRole")
+}
+
+/// How the operator under test is granted the shipped ClusterRole.
+pub enum Grant<'a> {
+    /// RoleBindings in these namespaces only (namespace-scoped mode).
+    Namespaces(&'a [&'a str]),
+    /// One ClusterRoleBinding (cluster-wide mode).
+    Cluster,
+}
+
+/// A ServiceAccount holding exactly the shipped RBAC.
+pub async fn operator_identity(
+    control_plane: &ControlPlane,
+    grant: Grant<'_>,
+) -> ServiceAccountIdentity {
+    let admin = control_plane.client().await;
+    let role = apply_shipped_cluster_role(&admin).await;
+    let role_name = role.metadata.name.clone().unwrap_or_default();
+    let home = control_plane.create_namespace("operator").await;
+    let identity = control_plane
+        .service_account(&home, "fleet-handshake")
+        .await
+        .expect("creating the operator's ServiceAccount");
+    let subject = json!([{"kind": "ServiceAccount", "name": identity.name(), "namespace": identity.namespace()}]);
+    let role_ref =
+        json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role_name});
+    match grant {
+        Grant::Namespaces(namespaces) => {
+            for namespace in namespaces {
+                let binding: RoleBinding = serde_json::from_value(json!({
+                    "metadata": {"name": format!("fleet-handshake-{home}"), "namespace": namespace},
+                    "roleRef": role_ref, "subjects": subject,
+                }))
+                .expect("a valid RoleBinding");
+                Api::<RoleBinding>::namespaced(admin.clone(), namespace)
+                    .create(&Default::default(), &binding)
+                    .await
+                    .expect("binding the ClusterRole in a namespace");
+            }
+        }
+        Grant::Cluster => {
+            let binding: ClusterRoleBinding = serde_json::from_value(json!({
+                "metadata": {"name": format!("fleet-handshake-{home}")},
+                "roleRef": role_ref, "subjects": subject,
+            }))
+            .expect("a valid ClusterRoleBinding");
+            Api::<ClusterRoleBinding>::all(admin.clone())
+                .create(&Default::default(), &binding)
+                .await
+                .expect("binding the ClusterRole cluster-wide");
+        }
+    }
+    identity
+}
+
+/// The operator binary, running as a subprocess.
+pub struct Operator {
+    child: Option<Child>,
+    log_path: PathBuf,
+    kubeconfig_path: PathBuf,
+    metrics_address: SocketAddr,
+    args: Vec<String>,
+}
+
+impl Operator {
+    /// Starts `fleet-handshake run` as `identity` with `args`, logging at
+    /// trace level to a file, and waits until its caches are synced.
+    pub async fn start(identity: &ServiceAccountIdentity, args: &[&str]) -> Operator {
+        let dir = std::env::temp_dir().join(format!(
+            "fleet-handshake-test-{}-{}",
+            identity.namespace(),
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).expect("creating the operator's test directory");
+        let kubeconfig_path = dir.join("kubeconfig");
+        identity
+            .write_kubeconfig(&kubeconfig_path)
+            .expect("writing the operator's kubeconfig");
+        let mut operator = Operator {
+            child: None,
+            log_path: dir.join("operator.log"),
+            kubeconfig_path,
+            metrics_address: free_address(),
+            args: args.iter().map(|arg| arg.to_string()).collect(),
+        };
+        operator.spawn().await;
+        operator
+    }
+
+    async fn spawn(&mut self) {
+        self.metrics_address = free_address();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("opening the operator log");
+        let child = Command::new(env!("CARGO_BIN_EXE_fleet-handshake"))
+            .arg("run")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig_path)
+            .arg("--metrics-addr")
+            .arg(self.metrics_address.to_string())
+            .args(["--log-level", "trace"])
+            .args(&self.args)
+            .env_remove("KUBECONFIG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("duplicating the log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("starting fleet-handshake");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while http_get(self.metrics_address, "/readyz").is_none_or(|(code, _)| code != 200) {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("the operator exited with {status}; log:\n{}", self.logs());
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the operator did not become ready; log:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Stops the operator (SIGKILL, as a crash or eviction would).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops and starts the operator with the same identity and arguments.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn().await;
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+
+    /// Everything the operator has logged so far, across restarts.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The operator's Prometheus metrics text.
+    pub fn metrics(&self) -> String {
+        http_get(self.metrics_address, "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    }
+
+    /// The value of one metric sample line (`name{labels}`), 0 when absent.
+    pub fn metric(&self, sample: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_address() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("finding a free loopback port")
+}
+
+/// A minimal HTTP/1.0 GET, enough for the operator's health and metrics.
+fn http_get(address: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let code = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())?;
+    Some((code, body))
+}
+
+/// Reads a handshake, `None` when absent.
+pub async fn get_handshake(client: &Client, namespace: &str, name: &str) -> Option<FleetHandshake> {
+    Api::<FleetHandshake>::namespaced(client.clone(), namespace)
+        .get_opt(name)
+        .await
+        .expect("reading a handshake")
+}
+
+/// Reads a Bundle, `None` when absent.
+pub async fn get_bundle(client: &Client, namespace: &str, name: &str) -> Option<Bundle> {
+    Api::<Bundle>::namespaced(client.clone(), namespace)
+        .get_opt(name)
+        .await
+        .expect("reading a Bundle")
+}
+
+/// Creates or replaces an object from YAML text as the admin (server-side
+/// apply with the tests' field manager).
+pub async fn apply_yaml<K>(client: &Client, namespace: &str, yaml: &str) -> K
+where
+    K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    let object: K = serde_yaml_ng::from_str(yaml).expect("parsing test YAML");
+    let name = object.meta().name.clone().expect("test objects have names");
+    Api::<K>::namespaced(client.clone(), namespace)
+        .patch(
+            &name,
+            &PatchParams::apply(TEST_MANAGER).force(),
+            &Patch::Apply(&object),
+        )
+        .await
+        .expect("applying test YAML")
+}
+
+/// A Secret with string values, applied as the admin.
+pub async fn put_secret(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    values: &[(&str, &str)],
+) -> Secret {
+    let string_data: serde_json::Map<String, serde_json::Value> = values
+        .iter()
+        .map(|(key, value)| (key.to_string(), json!(value)))
+        .collect();
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": name, "namespace": namespace},
+        "type": "Opaque",
+        "stringData": string_data,
+    }))
+    .expect("a valid Secret");
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    // Replace the data whole: apply would keep keys set by an earlier apply.
+    let _ = api.delete(name, &Default::default()).await;
+    api.create(&Default::default(), &secret)
+        .await
+        .expect("creating a Secret")
+}
+
+/// The Secret manifest carried by a Bundle's single resource, parsed.
+pub fn delivered_secret(bundle: &Bundle) -> serde_json::Value {
+    assert_eq!(
+        bundle.spec.resources.len(),
+        1,
+        "the Bundle carries exactly one resource"
+    );
+    serde_json::from_str(&bundle.spec.resources[0].content)
+        .expect("the resource is a JSON manifest")
+}
+
+/// Decoded value of `key` in a delivered Secret manifest.
+pub fn delivered_value(manifest: &serde_json::Value, key: &str) -> Option<String> {
+    use k8s_openapi::ByteString;
+    let encoded = manifest["data"].get(key)?.clone();
+    let bytes: ByteString = serde_json::from_value(encoded).ok()?;
+    String::from_utf8(bytes.0).ok()
+}
