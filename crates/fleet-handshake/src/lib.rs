@@ -6,6 +6,7 @@
 //! and health.
 
 pub mod api;
+pub mod authorize;
 pub mod controller;
 pub mod crd;
 pub mod render;

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use fleet_handshake::api::DeliveryMode;
+use fleet_handshake::authorize::{SourceGrant, SourcePolicy};
 use fleet_handshake::controller::{self, Settings};
 use fleet_handshake::crd;
 use fleet_handshake::telemetry::{self, LogFormat, Metrics};
@@ -75,6 +77,26 @@ struct RunArgs {
         default_value_t = 300
     )]
     max_backoff_seconds: u64,
+    /// Let handshakes in one namespace read Secrets of another without the
+    /// Secret's consent: `HANDSHAKE_NAMESPACE=SOURCE_NAMESPACE` (the first
+    /// may be `*`); comma-separated or repeated. Without it, a Secret outside
+    /// the handshake's namespace must list that namespace in its
+    /// `riverpointtechnology.com/handshake-allowed-namespaces` annotation.
+    #[arg(
+        long = "allow-source",
+        env = "FLEET_HANDSHAKE_ALLOW_SOURCES",
+        value_delimiter = ','
+    )]
+    allow_sources: Vec<SourceGrant>,
+    /// Delivery for handshakes that set no `spec.delivery`: `Embedded`
+    /// (manifest in the Bundle, as the original operator) or
+    /// `DownstreamResources` (Fleet copies the Secret object; Fleet v0.16+).
+    #[arg(
+        long,
+        env = "FLEET_HANDSHAKE_DEFAULT_DELIVERY",
+        default_value = "Embedded"
+    )]
+    default_delivery: DeliveryMode,
 }
 
 #[tokio::main]
@@ -101,12 +123,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_from(config)?;
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
+    let namespaces: Vec<String> = args
+        .namespaces
+        .into_iter()
+        .filter(|namespace| !namespace.is_empty())
+        .collect();
     let settings = Settings {
-        namespaces: args
-            .namespaces
-            .into_iter()
-            .filter(|namespace| !namespace.is_empty())
-            .collect(),
+        source_policy: SourcePolicy {
+            grants: args.allow_sources,
+            watched_namespaces: namespaces.clone(),
+        },
+        default_delivery: args.default_delivery,
+        namespaces,
         resync_interval: Duration::from_secs(args.resync_seconds),
         max_backoff: Duration::from_secs(args.max_backoff_seconds.max(1)),
     };

@@ -1,7 +1,9 @@
-//! Renders the desired Bundle of a handshake from its source Secret.
+//! Renders the desired Bundle of a handshake from its source Secret, and,
+//! for `DownstreamResources` delivery of a Secret from another namespace, the
+//! copy of that Secret Fleet reads in the Bundle's namespace.
 //!
 //! Pure and deterministic: the same handshake and Secret always give the
-//! same Bundle, byte for byte, so comparing desired with observed state is
+//! same objects, byte for byte, so comparing desired with observed state is
 //! meaningful and the operator never writes without a change.
 
 use std::collections::BTreeMap;
@@ -13,7 +15,11 @@ use kube::api::ObjectMeta;
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 
-use crate::api::{Bundle, BundleResource, BundleSpec, FleetHandshake};
+use crate::api::{
+    Bundle, BundleResource, BundleSpec, DeliveryMode, DownstreamResource, FleetHandshake,
+    FleetHandshakeSpec,
+};
+use crate::authorize::ALLOWED_NAMESPACES_ANNOTATION;
 
 /// Label on every Bundle we manage; the Bundle watch selects on it.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
@@ -51,6 +57,54 @@ struct ManifestMetadata<'a> {
     name: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     namespace: Option<&'a str>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    labels: BTreeMap<&'a str, &'a str>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    annotations: BTreeMap<&'a str, &'a str>,
+}
+
+/// Source metadata a handshake asked to copy (`copyLabels`,
+/// `copyAnnotations`); empty unless asked.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CopiedMetadata {
+    /// Labels to set on the delivered Secret.
+    pub labels: BTreeMap<String, String>,
+    /// Annotations to set on the delivered Secret.
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Annotation prefixes never copied: client bookkeeping (which can hold a
+/// full earlier copy of the Secret, data included) and our own policy.
+const NEVER_COPIED_ANNOTATION_PREFIXES: [&str; 1] = ["kubectl.kubernetes.io/"];
+
+impl CopiedMetadata {
+    /// What `spec` asks to copy from `source`.
+    pub fn from_source(spec: &FleetHandshakeSpec, source: &Secret) -> Self {
+        let labels = match spec.copy_labels {
+            Some(true) => source.metadata.labels.clone().unwrap_or_default(),
+            _ => BTreeMap::new(),
+        };
+        let annotations = match spec.copy_annotations {
+            Some(true) => source
+                .metadata
+                .annotations
+                .iter()
+                .flatten()
+                .filter(|(key, _)| {
+                    key.as_str() != ALLOWED_NAMESPACES_ANNOTATION
+                        && !NEVER_COPIED_ANNOTATION_PREFIXES
+                            .iter()
+                            .any(|prefix| key.starts_with(prefix))
+                })
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect(),
+            _ => BTreeMap::new(),
+        };
+        Self {
+            labels,
+            annotations,
+        }
+    }
 }
 
 /// Name of the single Bundle resource that carries the Secret manifest.
@@ -63,30 +117,26 @@ pub fn resource_name(secret_name: &str) -> String {
 /// `stringData` is folded into `data` the way the API server does on write
 /// (a `stringData` key wins over the same `data` key), so a Secret object
 /// that was never stored renders like its stored form.
-pub fn secret_manifest(source: &Secret, target_namespace: Option<&str>) -> String {
-    let string_data: BTreeMap<&str, ByteString> = source
-        .string_data
-        .iter()
-        .flatten()
-        .map(|(key, value)| (key.as_str(), ByteString(value.clone().into_bytes())))
-        .collect();
-    let mut data: BTreeMap<&str, &ByteString> = source
-        .data
-        .iter()
-        .flatten()
-        .map(|(key, value)| (key.as_str(), value))
-        .collect();
-    data.extend(string_data.iter().map(|(key, value)| (*key, value)));
-
+pub fn secret_manifest(
+    source: &Secret,
+    target_namespace: Option<&str>,
+    copied: &CopiedMetadata,
+) -> String {
+    let data = folded_data(source);
     let manifest = SecretManifest {
         api_version: "v1",
         kind: "Secret",
         metadata: ManifestMetadata {
             name: source.metadata.name.as_deref().unwrap_or_default(),
             namespace: target_namespace.filter(|namespace| !namespace.is_empty()),
+            labels: borrowed(&copied.labels),
+            annotations: borrowed(&copied.annotations),
         },
         type_: source.type_.as_deref(),
-        data,
+        data: data
+            .iter()
+            .map(|(key, value)| (key.as_str(), value))
+            .collect(),
         immutable: source.immutable,
     };
     let mut text =
@@ -97,6 +147,31 @@ pub fn secret_manifest(source: &Secret, target_namespace: Option<&str>) -> Strin
 
 /// Longest label value the API server accepts.
 const LABEL_VALUE_MAX: usize = 63;
+
+/// The Secret's `data` with `stringData` folded in, as the API server
+/// stores it (a `stringData` key wins over the same `data` key).
+fn folded_data(source: &Secret) -> BTreeMap<String, ByteString> {
+    let mut data = source.data.clone().unwrap_or_default();
+    data.extend(
+        source
+            .string_data
+            .iter()
+            .flatten()
+            .map(|(key, value)| (key.clone(), ByteString(value.clone().into_bytes()))),
+    );
+    data
+}
+
+fn borrowed(map: &BTreeMap<String, String>) -> BTreeMap<&str, &str> {
+    map.iter()
+        .map(|(key, value)| (key.as_str(), value.as_str()))
+        .collect()
+}
+
+/// The delivery a handshake uses: its own choice, else the operator's.
+pub fn effective_delivery(spec: &FleetHandshakeSpec, default: DeliveryMode) -> DeliveryMode {
+    spec.delivery.unwrap_or(default)
+}
 
 /// Labels that mark a Bundle as rendered for `handshake_name`. A name longer
 /// than a label value may be (names go up to 253 characters) gets no name
@@ -109,57 +184,147 @@ pub fn bundle_labels(handshake_name: &str) -> BTreeMap<String, String> {
     labels
 }
 
-/// The Bundle that delivers `source` as the handshake asks.
-pub fn render_bundle(handshake: &FleetHandshake, source: &Secret) -> Result<Bundle, RenderError> {
-    let name = handshake
-        .metadata
-        .name
-        .as_deref()
-        .ok_or(RenderError::MissingMetadata("name"))?;
-    let namespace = handshake
-        .metadata
-        .namespace
-        .as_deref()
-        .ok_or(RenderError::MissingMetadata("namespace"))?;
-    // Garbage collection in foreground mode waits for the Bundle.
-    let owner = OwnerReference {
-        block_owner_deletion: Some(true),
-        ..handshake
-            .controller_owner_ref(&())
-            .ok_or(RenderError::MissingMetadata("uid"))?
-    };
-    let secret_name = &handshake.spec.secret_name;
+/// Name, namespace and controller owner reference of the objects rendered
+/// for a handshake.
+struct Owner<'a> {
+    name: &'a str,
+    namespace: &'a str,
+    reference: OwnerReference,
+}
 
-    let resource = BundleResource {
-        name: resource_name(secret_name),
-        content: secret_manifest(source, handshake.spec.target_namespace.as_deref()),
-        encoding: String::new(),
-    };
-    Ok(Bundle {
-        metadata: ObjectMeta {
+impl<'a> Owner<'a> {
+    fn of(handshake: &'a FleetHandshake) -> Result<Self, RenderError> {
+        let name = handshake
+            .metadata
+            .name
+            .as_deref()
+            .ok_or(RenderError::MissingMetadata("name"))?;
+        let namespace = handshake
+            .metadata
+            .namespace
+            .as_deref()
+            .ok_or(RenderError::MissingMetadata("namespace"))?;
+        // Garbage collection in foreground mode waits for owned objects.
+        let reference = OwnerReference {
+            block_owner_deletion: Some(true),
+            ..handshake
+                .controller_owner_ref(&())
+                .ok_or(RenderError::MissingMetadata("uid"))?
+        };
+        Ok(Self {
+            name,
+            namespace,
+            reference,
+        })
+    }
+
+    fn metadata(&self, name: &str) -> ObjectMeta {
+        ObjectMeta {
             name: Some(name.to_string()),
-            namespace: Some(namespace.to_string()),
-            labels: Some(bundle_labels(name)),
-            owner_references: Some(vec![owner]),
+            namespace: Some(self.namespace.to_string()),
+            labels: Some(bundle_labels(self.name)),
+            owner_references: Some(vec![self.reference.clone()]),
             ..ObjectMeta::default()
-        },
-        spec: BundleSpec {
-            resources: vec![resource],
-            targets: handshake.spec.targets.clone(),
+        }
+    }
+}
+
+/// The Bundle that delivers `source` as the handshake asks.
+///
+/// `Embedded`: one resource `<secretName>.json` holding the Secret manifest.
+/// `DownstreamResources`: no resources; the Bundle names the Secret (the
+/// source itself, or the copy from [`render_copy`]) and sends it to
+/// `targetNamespace` as the default namespace.
+pub fn render_bundle(
+    handshake: &FleetHandshake,
+    source: &Secret,
+    delivery: DeliveryMode,
+) -> Result<Bundle, RenderError> {
+    let owner = Owner::of(handshake)?;
+    let spec = &handshake.spec;
+    let target_namespace = spec
+        .target_namespace
+        .as_deref()
+        .filter(|namespace| !namespace.is_empty());
+    let bundle_spec = match delivery {
+        DeliveryMode::Embedded => BundleSpec {
+            resources: vec![BundleResource {
+                name: resource_name(&spec.secret_name),
+                content: secret_manifest(
+                    source,
+                    target_namespace,
+                    &CopiedMetadata::from_source(spec, source),
+                ),
+                encoding: String::new(),
+            }],
+            targets: spec.targets.clone(),
             ..BundleSpec::default()
         },
+        DeliveryMode::DownstreamResources => BundleSpec {
+            downstream_resources: vec![DownstreamResource {
+                kind: "Secret".to_string(),
+                name: spec.secret_name.clone(),
+            }],
+            targets: spec.targets.clone(),
+            extra: target_namespace
+                .map(|namespace| {
+                    (
+                        "defaultNamespace".to_string(),
+                        serde_json::Value::from(namespace),
+                    )
+                })
+                .into_iter()
+                .collect(),
+            ..BundleSpec::default()
+        },
+    };
+    Ok(Bundle {
+        metadata: owner.metadata(owner.name),
+        spec: bundle_spec,
         status: None,
     })
 }
 
-/// Whether `bundle` is controlled by `handshake` (a controller owner
-/// reference with the handshake's uid). A Bundle of the same name that is not
-/// is someone else's and must never be overwritten.
-pub fn is_controlled_by(bundle: &Bundle, handshake: &FleetHandshake) -> bool {
+/// For `DownstreamResources` delivery of a Secret from another namespace:
+/// the copy Fleet reads in the handshake's namespace (same name as the
+/// source, since Fleet delivers it under its own name). Only name, type and
+/// data are copied, as Fleet itself copies no more. `None` when no copy is
+/// needed.
+pub fn render_copy(
+    handshake: &FleetHandshake,
+    source: &Secret,
+    delivery: DeliveryMode,
+) -> Result<Option<Secret>, RenderError> {
+    let owner = Owner::of(handshake)?;
+    let same_namespace = source.metadata.namespace.as_deref() == Some(owner.namespace);
+    if delivery != DeliveryMode::DownstreamResources || same_namespace {
+        return Ok(None);
+    }
+    Ok(Some(Secret {
+        metadata: owner.metadata(&handshake.spec.secret_name),
+        type_: source.type_.clone(),
+        data: Some(folded_data(source)),
+        ..Secret::default()
+    }))
+}
+
+/// Whether the observed copy holds exactly the desired data and type, and
+/// carries our labels and owner reference.
+pub fn copy_is_up_to_date(desired: &Secret, observed: &Secret) -> bool {
+    desired.data.as_ref().unwrap_or(&BTreeMap::new())
+        == observed.data.as_ref().unwrap_or(&BTreeMap::new())
+        && desired.type_ == observed.type_
+        && metadata_present(desired, observed)
+}
+
+/// Whether `object` is controlled by `handshake` (a controller owner
+/// reference with the handshake's uid). An object of the same name that is
+/// not is someone else's and must never be overwritten.
+pub fn is_controlled_by<K: Resource>(object: &K, handshake: &FleetHandshake) -> bool {
     let Some(uid) = handshake.metadata.uid.as_deref() else {
         return false;
     };
-    bundle
+    object
         .owner_references()
         .iter()
         .any(|owner| owner.controller == Some(true) && owner.uid == uid)
@@ -170,6 +335,18 @@ pub fn is_controlled_by(bundle: &Bundle, handshake: &FleetHandshake) -> bool {
 /// `targetCustomizationMode`, status, other owners' labels) do not count as
 /// a difference; a changed or removed field that we set does.
 pub fn is_up_to_date(desired: &Bundle, observed: &Bundle) -> bool {
+    let spec_contained = match (
+        serde_json::to_value(&desired.spec),
+        serde_json::to_value(&observed.spec),
+    ) {
+        (Ok(desired), Ok(observed)) => json_contained(&desired, &observed),
+        _ => false,
+    };
+    metadata_present(desired, observed) && spec_contained
+}
+
+/// The observed object carries every label and owner reference we set.
+fn metadata_present<K: Resource>(desired: &K, observed: &K) -> bool {
     let labels_present = desired
         .labels()
         .iter()
@@ -178,14 +355,7 @@ pub fn is_up_to_date(desired: &Bundle, observed: &Bundle) -> bool {
         .owner_references()
         .iter()
         .all(|owner| observed.owner_references().contains(owner));
-    let spec_contained = match (
-        serde_json::to_value(&desired.spec),
-        serde_json::to_value(&observed.spec),
-    ) {
-        (Ok(desired), Ok(observed)) => json_contained(&desired, &observed),
-        _ => false,
-    };
-    labels_present && owners_present && spec_contained
+    labels_present && owners_present
 }
 
 /// `desired` is contained in `observed`: every object key of `desired` is
@@ -301,7 +471,7 @@ mod tests {
     }
 
     fn render(handshake: &FleetHandshake, source: &Secret) -> Bundle {
-        render_bundle(handshake, source).expect("renders")
+        render_bundle(handshake, source, DeliveryMode::Embedded).expect("renders")
     }
 
     /// The single resource's content, parsed.
@@ -435,21 +605,21 @@ mod tests {
         let mut no_uid = handshake();
         no_uid.metadata.uid = None;
         assert_eq!(
-            render_bundle(&no_uid, &source).unwrap_err(),
+            render_bundle(&no_uid, &source, DeliveryMode::Embedded).unwrap_err(),
             RenderError::MissingMetadata("uid")
         );
 
         let mut no_name = handshake();
         no_name.metadata.name = None;
         assert_eq!(
-            render_bundle(&no_name, &source).unwrap_err(),
+            render_bundle(&no_name, &source, DeliveryMode::Embedded).unwrap_err(),
             RenderError::MissingMetadata("name")
         );
 
         let mut no_namespace = handshake();
         no_namespace.metadata.namespace = None;
         assert_eq!(
-            render_bundle(&no_namespace, &source).unwrap_err(),
+            render_bundle(&no_namespace, &source, DeliveryMode::Embedded).unwrap_err(),
             RenderError::MissingMetadata("namespace")
         );
 
@@ -563,16 +733,19 @@ mod tests {
             assert!(manifest["metadata"].get("namespace").is_none());
         }
         assert_eq!(
-            secret_manifest(&loaded_source(), Some("")),
-            secret_manifest(&loaded_source(), None)
+            secret_manifest(&loaded_source(), Some(""), &CopiedMetadata::default()),
+            secret_manifest(&loaded_source(), None, &CopiedMetadata::default())
         );
     }
 
     #[test]
     fn type_is_left_out_when_the_source_has_none() {
-        let manifest: Value =
-            serde_json::from_str(&secret_manifest(&plain_secret(bytes(&[("k", b"v")])), None))
-                .unwrap();
+        let manifest: Value = serde_json::from_str(&secret_manifest(
+            &plain_secret(bytes(&[("k", b"v")])),
+            None,
+            &CopiedMetadata::default(),
+        ))
+        .unwrap();
         assert_eq!(
             keys(&manifest),
             set(&["apiVersion", "kind", "metadata", "data"])
@@ -590,8 +763,12 @@ mod tests {
                 ..plain_secret(BTreeMap::new())
             },
         ] {
-            let manifest: Value =
-                serde_json::from_str(&secret_manifest(&source, Some("test"))).unwrap();
+            let manifest: Value = serde_json::from_str(&secret_manifest(
+                &source,
+                Some("test"),
+                &CopiedMetadata::default(),
+            ))
+            .unwrap();
             assert_eq!(
                 manifest["data"],
                 json!({}),
@@ -659,8 +836,8 @@ mod tests {
             "data": {"password": "c2VjcmV0"},
         }));
         assert_eq!(
-            secret_manifest(&unstored, Some("test")),
-            secret_manifest(&stored, Some("test"))
+            secret_manifest(&unstored, Some("test"), &CopiedMetadata::default()),
+            secret_manifest(&stored, Some("test"), &CopiedMetadata::default())
         );
     }
 
@@ -685,7 +862,9 @@ mod tests {
                 immutable,
                 ..plain_secret(bytes(&[("k", b"v")]))
             };
-            let manifest: Value = serde_json::from_str(&secret_manifest(&source, None)).unwrap();
+            let manifest: Value =
+                serde_json::from_str(&secret_manifest(&source, None, &CopiedMetadata::default()))
+                    .unwrap();
             assert_eq!(manifest.get("immutable").cloned(), expected);
         }
     }
@@ -1145,7 +1324,8 @@ mod tests {
 
     #[test]
     fn an_encoding_set_by_someone_else_is_a_difference() {
-        let desired = render_bundle(&handshake(), &loaded_source()).unwrap();
+        let desired =
+            render_bundle(&handshake(), &loaded_source(), DeliveryMode::Embedded).unwrap();
         let mut observed = desired.clone();
         observed.spec.resources[0].encoding = "base64".to_string();
         assert!(!is_up_to_date(&desired, &observed));

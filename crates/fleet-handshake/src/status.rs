@@ -27,6 +27,9 @@ pub enum Observation {
     SourceMissing { namespace: String, name: String },
     /// A Bundle of the handshake's name exists and is not ours.
     BundleConflict { bundle: String },
+    /// The Secret copy for `DownstreamResources` delivery would overwrite a
+    /// Secret that is not ours.
+    CopyConflict { secret: String },
     /// A call to the API server failed; it is retried with backoff.
     ApiFailure { message: String },
     /// Our Bundle is in place; `fleet` is what Fleet reports about it.
@@ -166,6 +169,17 @@ fn assess(observation: &Observation) -> (SyncStatus, State, State, Option<String
                 ),
             ),
             not_delivered("Nothing is delivered while another Bundle holds the name."),
+            None,
+        ),
+        Observation::CopyConflict { secret } => (
+            SyncStatus::Error,
+            State::no(
+                "CopyConflict",
+                format!(
+                    "Secret {secret} exists and is not owned by this handshake, so the copy that Fleet's downstreamResources needs cannot be written; it is left untouched."
+                ),
+            ),
+            not_delivered("Nothing is delivered while another Secret holds the copy's name."),
             None,
         ),
         Observation::ApiFailure { message } => (

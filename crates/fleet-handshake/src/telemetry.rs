@@ -66,7 +66,7 @@ pub struct Metrics {
     registry: Registry,
     reconciliations: Family<ResultLabels, Counter>,
     reconcile_duration: Histogram,
-    bundle_writes: Family<OperationLabels, Counter>,
+    object_writes: Family<OperationLabels, Counter>,
     status_writes: Counter,
 }
 
@@ -85,11 +85,11 @@ impl Default for Metrics {
             "Time spent in one reconcile",
             reconcile_duration.clone(),
         );
-        let bundle_writes = Family::<OperationLabels, Counter>::default();
+        let object_writes = Family::<OperationLabels, Counter>::default();
         registry.register(
-            "bundle_writes",
-            "Bundle writes by operation (apply, delete)",
-            bundle_writes.clone(),
+            "object_writes",
+            "Writes of Bundles and Secret copies by operation (apply, apply-copy, delete)",
+            object_writes.clone(),
         );
         let status_writes = Counter::default();
         registry.register(
@@ -101,7 +101,7 @@ impl Default for Metrics {
             registry,
             reconciliations,
             reconcile_duration,
-            bundle_writes,
+            object_writes,
             status_writes,
         }
     }
@@ -119,8 +119,8 @@ impl Metrics {
     }
 
     /// Records one write of a Bundle.
-    pub fn bundle_written(&self, operation: &'static str) {
-        self.bundle_writes
+    pub fn object_written(&self, operation: &'static str) {
+        self.object_writes
             .get_or_create(&OperationLabels { operation })
             .inc();
     }

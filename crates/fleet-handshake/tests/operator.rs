@@ -34,8 +34,12 @@ impl Scenario {
         let admin = control_plane.client().await;
         let workspace = control_plane.create_namespace("workspace").await;
         let source = control_plane.create_namespace("source").await;
-        let identity =
-            operator_identity(control_plane, Grant::Namespaces(&[&workspace, &source])).await;
+        let identity = operator_identity(
+            control_plane,
+            Grant::Namespaces(&[&workspace, &source]),
+            &[],
+        )
+        .await;
         let watched = format!("{workspace},{source}");
         let operator = Operator::start(&identity, &["--namespace", &watched]).await;
         Scenario {

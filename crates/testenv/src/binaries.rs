@@ -70,8 +70,9 @@ impl Binaries {
     /// it is missing. Concurrent callers (several test binaries) wait for one
     /// build instead of racing.
     ///
-    /// Blocks for the whole build (10–25 minutes on a cold Go cache, well under
-    /// a minute on a warm one); call it from a blocking context.
+    /// Blocks for the whole build (about 10 minutes on 2 cores with a cold Go
+    /// build cache, under a minute on a warm one); call it from a blocking
+    /// context.
     pub fn locate_or_build() -> Result<Self> {
         if let Some(dir) = std::env::var_os(BIN_DIR_ENV).filter(|v| !v.is_empty()) {
             return Self::from_dir(PathBuf::from(dir))
@@ -194,7 +195,7 @@ fn build(module: &Path, root: &Path, key: &str) -> Result<()> {
 
     notice(&format!(
         "building etcd, kube-apiserver and kube-controller-manager with {go_version} \
-         into {} (10-25 minutes on a cold Go build cache; log: {})",
+         into {} (about 10 minutes with a cold Go build cache; log: {})",
         root.join(key).display(),
         log_path.display()
     ));

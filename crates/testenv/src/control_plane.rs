@@ -200,7 +200,8 @@ impl ControlPlane {
     ///
     /// Tests isolate themselves by namespace ([`ControlPlane::create_namespace`]).
     /// It may be called from any thread or async context; it blocks until the
-    /// control plane is ready. The processes stop and the temporary directory
+    /// control plane is ready, which on a machine without cached binaries
+    /// includes building them ([`Binaries::locate_or_build`]). The processes stop and the temporary directory
     /// is removed when the process exits.
     ///
     /// # Panics

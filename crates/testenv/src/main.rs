@@ -227,7 +227,7 @@ fn supervise(state: &StateDir, options: Options, on_ready: impl FnOnce()) -> Res
 fn wait_ready(state: &StateDir, child: libc::pid_t, log: &Path, kubeconfig: &Path) -> Result<()> {
     eprintln!(
         "starting the control plane (log: {}; a first run builds the binaries, \
-         which can take 10-25 minutes)",
+         which can take about 10 minutes)",
         log.display()
     );
     loop {

@@ -87,6 +87,50 @@ pub struct FleetHandshakeSpec {
     /// first target that matches a cluster wins.
     #[schemars(length(min = 1))]
     pub targets: Vec<BundleTarget>,
+
+    /// How the Secret travels to the clusters. `Embedded`: its manifest is
+    /// written into the Bundle (the original operator's way). `DownstreamResources`:
+    /// the Bundle only names it and Fleet (v0.16 or later) copies the Secret
+    /// object itself, so its data never leaves Secret objects. Unset: the
+    /// operator's default (`--default-delivery`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<DeliveryMode>,
+
+    /// Copy the source Secret's labels to the delivered copies. Off by
+    /// default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_labels: Option<bool>,
+
+    /// Copy the source Secret's annotations to the delivered copies, except
+    /// `kubectl.kubernetes.io/*` and this operator's own. Off by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_annotations: Option<bool>,
+}
+
+/// How a Secret travels from the management cluster to the targets.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum DeliveryMode {
+    /// The Secret manifest is embedded in the Bundle's resources.
+    #[default]
+    Embedded,
+    /// The Bundle lists the Secret in `downstreamResources`; Fleet copies it.
+    DownstreamResources,
+}
+
+impl std::str::FromStr for DeliveryMode {
+    type Err = String;
+
+    /// Parses the spelling used in the spec (`Embedded`,
+    /// `DownstreamResources`), for the command line.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "Embedded" => Ok(DeliveryMode::Embedded),
+            "DownstreamResources" => Ok(DeliveryMode::DownstreamResources),
+            other => Err(format!(
+                "unknown delivery mode {other:?}: expected Embedded or DownstreamResources"
+            )),
+        }
+    }
 }
 
 /// The one-word state kept from the original operator.
@@ -275,6 +319,9 @@ mod tests {
                 cluster_name: Some("local".to_string()),
                 ..BundleTarget::default()
             }],
+            delivery: None,
+            copy_labels: None,
+            copy_annotations: None,
         };
         assert_eq!(
             serde_json::to_value(&spec).unwrap(),
@@ -420,6 +467,9 @@ mod tests {
         assert_eq!(
             properties.as_object().unwrap().keys().collect::<Vec<_>>(),
             [
+                "copyAnnotations",
+                "copyLabels",
+                "delivery",
                 "secretName",
                 "secretNamespace",
                 "targetNamespace",

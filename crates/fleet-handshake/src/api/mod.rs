@@ -4,5 +4,10 @@
 pub mod fleet;
 pub mod handshake;
 
-pub use fleet::{Bundle, BundleResource, BundleSpec, BundleStatus, BundleSummary, BundleTarget};
-pub use handshake::{FleetHandshake, FleetHandshakeSpec, FleetHandshakeStatus, SyncStatus};
+pub use fleet::{
+    Bundle, BundleResource, BundleSpec, BundleStatus, BundleSummary, BundleTarget,
+    DownstreamResource,
+};
+pub use handshake::{
+    DeliveryMode, FleetHandshake, FleetHandshakeSpec, FleetHandshakeStatus, SyncStatus,
+};

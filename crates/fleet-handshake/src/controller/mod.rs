@@ -20,7 +20,8 @@ use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use tracing::{info, warn};
 
-use crate::api::{Bundle, FleetHandshake};
+use crate::api::{Bundle, DeliveryMode, FleetHandshake};
+use crate::authorize::SourcePolicy;
 use crate::render::{MANAGED_BY, MANAGED_BY_LABEL};
 use crate::telemetry::Metrics;
 
@@ -39,6 +40,10 @@ pub struct Settings {
     pub resync_interval: Duration,
     /// Longest wait between retries of a failing handshake.
     pub max_backoff: Duration,
+    /// Which source Secrets handshakes may read.
+    pub source_policy: SourcePolicy,
+    /// Delivery for handshakes that do not choose one.
+    pub default_delivery: DeliveryMode,
 }
 
 /// State shared by all reconciles.
@@ -159,7 +164,8 @@ async fn mark_ready_when_synced(
 /// The controller for one scope: handshakes and our Bundles in `namespace`
 /// (or everywhere), Secrets in `secret_apis`.
 ///
-/// Bundles and Secrets are watched by metadata only and without a cache:
+/// Our Bundles and Secret copies (labelled as ours) are watched to repair
+/// them; they and source Secrets are watched by metadata only and without a cache:
 /// no Secret data is ever held, and each event is only mapped to the
 /// handshakes it concerns.
 fn controller_for(
@@ -176,7 +182,13 @@ fn controller_for(
             None => (Api::all(client.clone()), Api::all(client.clone())),
         };
     let ours = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
-    let controller = Controller::new(handshakes, watcher::Config::default()).owns(bundles, ours);
+    let copies: Api<PartialObjectMeta<Secret>> = match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    };
+    let controller = Controller::new(handshakes, watcher::Config::default())
+        .owns(bundles, ours.clone())
+        .owns(copies, ours);
     let store = controller.store();
     secret_apis.iter().fold(controller, |controller, secrets| {
         let store = store.clone();

@@ -33,8 +33,13 @@ pub enum Error {
     },
     #[error("applying Bundle failed: {}", describe(.source))]
     ApplyBundle { source: kube::Error },
-    #[error("deleting Bundle failed: {}", describe(.source))]
-    DeleteBundle { source: kube::Error },
+    #[error("applying the Secret copy failed: {}", describe(.source))]
+    ApplyCopy { source: kube::Error },
+    #[error("deleting {what} failed: {}", describe(.source))]
+    Delete {
+        what: &'static str,
+        source: kube::Error,
+    },
     #[error("writing status failed: {}", describe(.source))]
     WriteStatus { source: kube::Error },
     #[error("rendering Bundle failed: {0}")]
@@ -47,7 +52,8 @@ impl Error {
         match self {
             Error::Read { .. } => "read",
             Error::ApplyBundle { .. } => "apply",
-            Error::DeleteBundle { .. } => "delete",
+            Error::ApplyCopy { .. } => "apply-copy",
+            Error::Delete { .. } => "delete",
             Error::WriteStatus { .. } => "status",
             Error::Render(_) => "render",
         }
@@ -124,7 +130,8 @@ pub fn error_policy(
     Action::requeue(delay)
 }
 
-/// Brings the Bundle in line with the source Secret; returns what was seen.
+/// Brings the Bundle (and, for `DownstreamResources` delivery, the Secret
+/// copy) in line with the source Secret; returns what was seen.
 async fn sync(handshake: &FleetHandshake, context: &Context) -> Result<Observation, Error> {
     if let Some(message) = invalid_spec(handshake) {
         return Ok(Observation::InvalidSpec { message });
@@ -132,21 +139,21 @@ async fn sync(handshake: &FleetHandshake, context: &Context) -> Result<Observati
     let namespace = handshake.namespace().unwrap_or_default();
     let name = handshake.name_any();
     let (source_namespace, source_name) = source_of(handshake);
-    let secrets: Api<Secret> = Api::namespaced(context.client.clone(), source_namespace);
-    let bundles: Api<Bundle> = Api::namespaced(context.client.clone(), &namespace);
+    let policy = &context.settings.source_policy;
+    let workspace = Workspace {
+        bundles: Api::namespaced(context.client.clone(), &namespace),
+        secrets: Api::namespaced(context.client.clone(), &namespace),
+        context,
+    };
 
-    let source = secrets
-        .get_opt(source_name)
+    let observed = workspace
+        .bundles
+        .get_opt(&name)
         .await
         .map_err(|source| Error::Read {
-            what: "source Secret",
+            what: "Bundle",
             source,
         })?;
-    let observed = bundles.get_opt(&name).await.map_err(|source| Error::Read {
-        what: "Bundle",
-        source,
-    })?;
-
     if let Some(observed) = &observed
         && !is_controlled_by(observed, handshake)
     {
@@ -155,26 +162,56 @@ async fn sync(handshake: &FleetHandshake, context: &Context) -> Result<Observati
         });
     }
 
+    if let Err(message) = policy.check_namespace(&namespace, source_namespace) {
+        workspace.withdraw(observed.as_ref(), handshake).await?;
+        return Ok(Observation::SourceNotAllowed { message });
+    }
+    // One read gives both the consent annotation and the data, so a Secret
+    // update cannot slip between the check and the use.
+    let source = Api::<Secret>::namespaced(context.client.clone(), source_namespace)
+        .get_opt(source_name)
+        .await
+        .map_err(|source| Error::Read {
+            what: "source Secret",
+            source,
+        })?;
     let Some(source) = source else {
         // The copy must not outlive its source: remove the Bundle, and Fleet
         // removes the Secret from every target cluster.
-        if let Some(observed) = observed {
-            delete_bundle(&bundles, &observed, context).await?;
-        }
+        workspace.withdraw(observed.as_ref(), handshake).await?;
         return Ok(Observation::SourceMissing {
             namespace: source_namespace.to_string(),
             name: source_name.to_string(),
         });
     };
+    if let Err(message) = policy.check_source(
+        &namespace,
+        source_namespace,
+        source.metadata.annotations.as_ref(),
+    ) {
+        workspace.withdraw(observed.as_ref(), handshake).await?;
+        return Ok(Observation::SourceNotAllowed { message });
+    }
 
-    let desired = render::render_bundle(handshake, &source)?;
-    let current = match observed {
-        Some(observed) if is_up_to_date(&desired, &observed) => {
+    let delivery = render::effective_delivery(&handshake.spec, context.settings.default_delivery);
+    // The copy goes first, so that Fleet finds it when the Bundle names it.
+    let copy = render::render_copy(handshake, &source, delivery)?;
+    if let Some(copy) = &copy
+        && !workspace.ensure_copy(copy, handshake).await?
+    {
+        return Ok(Observation::CopyConflict {
+            secret: format!("{namespace}/{}", copy.name_any()),
+        });
+    }
+    let desired = render::render_bundle(handshake, &source, delivery)?;
+    let current = match &observed {
+        Some(observed) if is_up_to_date(&desired, observed) => {
             debug!("Bundle is up to date");
-            observed
+            observed.clone()
         }
         _ => {
-            let applied = bundles
+            let applied = workspace
+                .bundles
                 .patch(
                     &name,
                     &PatchParams::apply(FIELD_MANAGER).force(),
@@ -182,11 +219,15 @@ async fn sync(handshake: &FleetHandshake, context: &Context) -> Result<Observati
                 )
                 .await
                 .map_err(|source| Error::ApplyBundle { source })?;
-            context.metrics.bundle_written("apply");
+            context.metrics.object_written("apply");
             info!(bundle = %name, "Bundle applied");
             applied
         }
     };
+    let keep = copy.as_ref().map(ResourceExt::name_any);
+    workspace
+        .remove_stale_copies(observed.as_ref(), keep.as_deref(), handshake)
+        .await?;
     Ok(Observation::Applied {
         bundle: format!("{namespace}/{name}"),
         bundle_generation: current.metadata.generation,
@@ -194,27 +235,115 @@ async fn sync(handshake: &FleetHandshake, context: &Context) -> Result<Observati
     })
 }
 
-/// Deletes our Bundle, only if it is still the object we looked at.
-async fn delete_bundle(
-    bundles: &Api<Bundle>,
-    observed: &Bundle,
-    context: &Context,
-) -> Result<(), Error> {
-    let params = DeleteParams {
-        preconditions: Some(Preconditions {
-            uid: observed.metadata.uid.clone(),
-            resource_version: None,
-        }),
-        ..DeleteParams::background()
-    };
-    match bundles.delete(&observed.name_any(), &params).await {
-        Ok(_) => {
-            context.metrics.bundle_written("delete");
-            info!(bundle = %observed.name_any(), "Bundle deleted: source Secret is gone");
-            Ok(())
+/// The handshake's namespace: where its Bundle and Secret copies live.
+struct Workspace<'a> {
+    bundles: Api<Bundle>,
+    secrets: Api<Secret>,
+    context: &'a Context,
+}
+
+impl Workspace<'_> {
+    /// Stops delivery: deletes our Bundle (Fleet then removes the Secret from
+    /// every target cluster) and our Secret copies.
+    async fn withdraw(
+        &self,
+        observed: Option<&Bundle>,
+        handshake: &FleetHandshake,
+    ) -> Result<(), Error> {
+        let Some(observed) = observed else {
+            return Ok(());
+        };
+        self.delete(&self.bundles, observed, "Bundle").await?;
+        self.remove_stale_copies(Some(observed), None, handshake)
+            .await
+    }
+
+    /// Writes the Secret copy unless it is up to date. `false` when a Secret
+    /// of that name exists and is not ours (it is left untouched).
+    async fn ensure_copy(
+        &self,
+        desired: &Secret,
+        handshake: &FleetHandshake,
+    ) -> Result<bool, Error> {
+        let name = desired.name_any();
+        let observed = self
+            .secrets
+            .get_opt(&name)
+            .await
+            .map_err(|source| Error::Read {
+                what: "Secret copy",
+                source,
+            })?;
+        match observed {
+            Some(observed) if !is_controlled_by(&observed, handshake) => Ok(false),
+            Some(observed) if render::copy_is_up_to_date(desired, &observed) => Ok(true),
+            _ => {
+                self.secrets
+                    .patch(
+                        &name,
+                        &PatchParams::apply(FIELD_MANAGER).force(),
+                        &Patch::Apply(desired),
+                    )
+                    .await
+                    .map_err(|source| Error::ApplyCopy { source })?;
+                self.context.metrics.object_written("apply-copy");
+                info!(secret = %name, "Secret copy applied");
+                Ok(true)
+            }
         }
-        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
-        Err(source) => Err(Error::DeleteBundle { source }),
+    }
+
+    /// Deletes our copies that the observed Bundle named and that are no
+    /// longer wanted (delivery changed, source renamed, delivery withdrawn).
+    async fn remove_stale_copies(
+        &self,
+        observed: Option<&Bundle>,
+        keep: Option<&str>,
+        handshake: &FleetHandshake,
+    ) -> Result<(), Error> {
+        let named = observed
+            .map(|bundle| bundle.spec.downstream_resources.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .filter(|resource| resource.kind == "Secret" && Some(resource.name.as_str()) != keep);
+        for resource in named {
+            let copy = self
+                .secrets
+                .get_metadata_opt(&resource.name)
+                .await
+                .map_err(|source| Error::Read {
+                    what: "Secret copy",
+                    source,
+                })?;
+            if let Some(copy) = copy.filter(|copy| is_controlled_by(copy, handshake)) {
+                self.delete(&self.secrets, &copy, "Secret copy").await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes `object`, only if it is still the object we looked at.
+    async fn delete<K, O>(&self, api: &Api<K>, object: &O, what: &'static str) -> Result<(), Error>
+    where
+        K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+        O: Resource,
+    {
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: object.meta().uid.clone(),
+                resource_version: None,
+            }),
+            ..DeleteParams::background()
+        };
+        match api.delete(&object.name_any(), &params).await {
+            Ok(_) => {
+                self.context.metrics.object_written("delete");
+                info!(name = %object.name_any(), what, "deleted: delivery withdrawn");
+                Ok(())
+            }
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+            Err(source) => Err(Error::Delete { what, source }),
+        }
     }
 }
 

@@ -45,68 +45,81 @@ where
     }
 }
 
-/// Applies the shipped ClusterRole (`deploy/rbac.yaml`) as the admin.
-pub async fn apply_shipped_cluster_role(admin: &Client) -> ClusterRole {
+/// Name of the shipped ClusterRole every installation binds.
+pub const OPERATOR_ROLE: &str = "fleet-handshake";
+/// Name of the shipped ClusterRole for Secret copies (`DownstreamResources`).
+pub const COPIES_ROLE: &str = "fleet-handshake-secret-copies";
+
+/// Applies the shipped ClusterRoles (`deploy/rbac.yaml`) as the admin.
+pub async fn apply_shipped_cluster_roles(admin: &Client) {
     let text = std::fs::read_to_string(repo_root().join("deploy/rbac.yaml"))
         .expect("reading deploy/rbac.yaml");
-    let role: ClusterRole =
-        serde_yaml_ng::from_str(&text).expect("deploy/rbac.yaml holds one ClusterRole");
     let roles: Api<ClusterRole> = Api::all(admin.clone());
-    roles
-        .patch(
-            role.metadata
-                .name
-                .as_deref()
-                .expect("the ClusterRole has a name"),
-            &PatchParams::apply(TEST_MANAGER).force(),
-            &Patch::Apply(&role),
-        )
-        .await
-        .expect("applying the shipped ClusterRole")
+    for document in serde_yaml_ng::Deserializer::from_str(&text) {
+        let role: ClusterRole =
+            serde::Deserialize::deserialize(document).expect("deploy/rbac.yaml holds ClusterRoles");
+        roles
+            .patch(
+                role.metadata
+                    .name
+                    .as_deref()
+                    .expect("the ClusterRole has a name"),
+                &PatchParams::apply(TEST_MANAGER).force(),
+                &Patch::Apply(&role),
+            )
+            .await
+            .expect("applying a shipped ClusterRole");
+    }
 }
 
-/// How the operator under test is granted the shipped ClusterRole.
+/// How the operator under test is granted the shipped ClusterRoles.
 pub enum Grant<'a> {
-    /// RoleBindings in these namespaces only (namespace-scoped mode).
+    /// RoleBindings to the operator role in these namespaces only
+    /// (namespace-scoped mode).
     Namespaces(&'a [&'a str]),
-    /// One ClusterRoleBinding (cluster-wide mode).
+    /// One ClusterRoleBinding to the operator role (cluster-wide mode).
     Cluster,
 }
 
-/// A ServiceAccount holding exactly the shipped RBAC.
+/// A ServiceAccount holding exactly the shipped RBAC: the operator role as
+/// `grant` says, and the Secret-copies role in `copy_namespaces`.
 pub async fn operator_identity(
     control_plane: &ControlPlane,
     grant: Grant<'_>,
+    copy_namespaces: &[&str],
 ) -> ServiceAccountIdentity {
     let admin = control_plane.client().await;
-    let role = apply_shipped_cluster_role(&admin).await;
-    let role_name = role.metadata.name.clone().unwrap_or_default();
+    apply_shipped_cluster_roles(&admin).await;
     let home = control_plane.create_namespace("operator").await;
     let identity = control_plane
         .service_account(&home, "fleet-handshake")
         .await
         .expect("creating the operator's ServiceAccount");
     let subject = json!([{"kind": "ServiceAccount", "name": identity.name(), "namespace": identity.namespace()}]);
-    let role_ref =
-        json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role_name});
+    let role_ref = |role: &str| json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role});
+    let bind_in = |namespace: &str, role: &str| {
+        let binding: RoleBinding = serde_json::from_value(json!({
+            "metadata": {"name": format!("{role}-{home}"), "namespace": namespace},
+            "roleRef": role_ref(role), "subjects": subject,
+        }))
+        .expect("a valid RoleBinding");
+        let api = Api::<RoleBinding>::namespaced(admin.clone(), namespace);
+        async move {
+            api.create(&Default::default(), &binding)
+                .await
+                .expect("binding a ClusterRole in a namespace");
+        }
+    };
     match grant {
         Grant::Namespaces(namespaces) => {
             for namespace in namespaces {
-                let binding: RoleBinding = serde_json::from_value(json!({
-                    "metadata": {"name": format!("fleet-handshake-{home}"), "namespace": namespace},
-                    "roleRef": role_ref, "subjects": subject,
-                }))
-                .expect("a valid RoleBinding");
-                Api::<RoleBinding>::namespaced(admin.clone(), namespace)
-                    .create(&Default::default(), &binding)
-                    .await
-                    .expect("binding the ClusterRole in a namespace");
+                bind_in(namespace, OPERATOR_ROLE).await;
             }
         }
         Grant::Cluster => {
             let binding: ClusterRoleBinding = serde_json::from_value(json!({
-                "metadata": {"name": format!("fleet-handshake-{home}")},
-                "roleRef": role_ref, "subjects": subject,
+                "metadata": {"name": format!("{OPERATOR_ROLE}-{home}")},
+                "roleRef": role_ref(OPERATOR_ROLE), "subjects": subject,
             }))
             .expect("a valid ClusterRoleBinding");
             Api::<ClusterRoleBinding>::all(admin.clone())
@@ -114,6 +127,9 @@ pub async fn operator_identity(
                 .await
                 .expect("binding the ClusterRole cluster-wide");
         }
+    }
+    for namespace in copy_namespaces {
+        bind_in(namespace, COPIES_ROLE).await;
     }
     identity
 }
