@@ -9,131 +9,14 @@ use std::time::Duration;
 use fleet_handshake::api::{Bundle, FleetHandshake, SyncStatus};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, Patch, PatchParams};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, ResourceExt};
 use serde_json::json;
 use support::*;
 use testenv::ControlPlane;
 
-const WAIT: Duration = Duration::from_secs(30);
-
-/// A workspace namespace (like `fleet-default`) and a source namespace (like
-/// `default`), with an operator watching both as a ServiceAccount that holds
-/// exactly the shipped RBAC there.
-struct Scenario {
-    control_plane: &'static ControlPlane,
-    admin: Client,
-    workspace: String,
-    source: String,
-    operator: Operator,
-    operator_user: String,
-}
-
-impl Scenario {
-    async fn new() -> Scenario {
-        let control_plane = ControlPlane::shared();
-        let admin = control_plane.client().await;
-        let workspace = control_plane.create_namespace("workspace").await;
-        let source = control_plane.create_namespace("source").await;
-        let identity = operator_identity(
-            control_plane,
-            Grant::Namespaces(&[&workspace, &source]),
-            &[],
-        )
-        .await;
-        let watched = format!("{workspace},{source}");
-        let operator = Operator::start(&identity, &["--namespace", &watched]).await;
-        Scenario {
-            control_plane,
-            admin,
-            workspace,
-            source,
-            operator,
-            operator_user: identity.username(),
-        }
-    }
-
-    /// An example from `examples/`, moved into this scenario's namespaces.
-    fn example(&self, file: &str) -> String {
-        std::fs::read_to_string(repo_root().join("examples").join(file))
-            .expect("reading an example")
-            .replace("fleet-default", &self.workspace)
-            .replace("namespace: default", &format!("namespace: {}", self.source))
-            .replace(
-                "secretNamespace: default",
-                &format!("secretNamespace: {}", self.source),
-            )
-    }
-
-    async fn apply_example_secret(&self) -> Secret {
-        apply_yaml(&self.admin, &self.source, &self.example("secret.yaml")).await
-    }
-
-    async fn apply_example_handshake(&self, file: &str) -> FleetHandshake {
-        apply_yaml(&self.admin, &self.workspace, &self.example(file)).await
-    }
-
-    /// Waits until the handshake's status word is `word` for its current
-    /// generation, and returns it.
-    async fn status_becomes(&self, name: &str, word: SyncStatus) -> FleetHandshake {
-        eventually(
-            &format!("handshake {name} to be {word:?}"),
-            WAIT,
-            || async {
-                get_handshake(&self.admin, &self.workspace, name)
-                    .await
-                    .filter(|handshake| {
-                        handshake.status.as_ref().is_some_and(|status| {
-                            status.status == Some(word)
-                                && status.observed_generation == handshake.metadata.generation
-                        })
-                    })
-            },
-        )
-        .await
-    }
-
-    async fn bundle_matching(
-        &self,
-        name: &str,
-        what: &str,
-        check: impl Fn(&Bundle) -> bool,
-    ) -> Bundle {
-        eventually(what, WAIT, || async {
-            get_bundle(&self.admin, &self.workspace, name)
-                .await
-                .filter(|bundle| check(bundle))
-        })
-        .await
-    }
-
-    async fn bundle_gone(&self, name: &str) {
-        eventually(&format!("Bundle {name} to be gone"), WAIT, || async {
-            get_bundle(&self.admin, &self.workspace, name)
-                .await
-                .is_none()
-                .then_some(())
-        })
-        .await
-    }
-}
-
-fn condition<'a>(handshake: &'a FleetHandshake, type_: &str) -> (&'a str, &'a str) {
-    let condition = handshake
-        .status
-        .as_ref()
-        .and_then(|status| {
-            status
-                .conditions
-                .iter()
-                .find(|condition| condition.type_ == type_)
-        })
-        .unwrap_or_else(|| panic!("condition {type_} is missing"));
-    (condition.status.as_str(), condition.reason.as_str())
-}
-
 #[tokio::test]
 async fn original_samples_apply_unchanged_and_render_their_bundles() {
-    let scenario = Scenario::new().await;
+    let scenario = Scenario::new(Setup::default()).await;
     scenario.apply_example_secret().await;
     for (file, name) in [
         ("handshake-cluster-selector.yaml", "my-secret-dev"),
@@ -198,7 +81,7 @@ async fn original_samples_apply_unchanged_and_render_their_bundles() {
 
 #[tokio::test]
 async fn secret_rotation_reaches_the_bundle() {
-    let scenario = Scenario::new().await;
+    let scenario = Scenario::new(Setup::default()).await;
     scenario.apply_example_secret().await;
     scenario
         .apply_example_handshake("handshake-cluster-name.yaml")
@@ -235,7 +118,7 @@ async fn secret_rotation_reaches_the_bundle() {
 
 #[tokio::test]
 async fn a_deleted_source_withdraws_the_bundle_until_it_returns() {
-    let scenario = Scenario::new().await;
+    let scenario = Scenario::new(Setup::default()).await;
     scenario.apply_example_secret().await;
     scenario
         .apply_example_handshake("handshake-cluster-name.yaml")
@@ -264,7 +147,7 @@ async fn a_deleted_source_withdraws_the_bundle_until_it_returns() {
 
 #[tokio::test]
 async fn deleting_the_handshake_garbage_collects_its_bundle() {
-    let scenario = Scenario::new().await;
+    let scenario = Scenario::new(Setup::default()).await;
     scenario.apply_example_secret().await;
     scenario
         .apply_example_handshake("handshake-cluster-selector.yaml")
@@ -286,7 +169,7 @@ async fn deleting_the_handshake_garbage_collects_its_bundle() {
 
 #[tokio::test]
 async fn a_hand_edited_or_deleted_bundle_is_repaired() {
-    let scenario = Scenario::new().await;
+    let scenario = Scenario::new(Setup::default()).await;
     scenario.apply_example_secret().await;
     scenario
         .apply_example_handshake("handshake-cluster-selector.yaml")
@@ -328,7 +211,7 @@ async fn a_hand_edited_or_deleted_bundle_is_repaired() {
 
 #[tokio::test]
 async fn a_foreign_bundle_of_the_same_name_is_left_alone() {
-    let scenario = Scenario::new().await;
+    let scenario = Scenario::new(Setup::default()).await;
     scenario.apply_example_secret().await;
     let name = "my-secret-dev";
     let foreign: Bundle = apply_yaml(
@@ -364,7 +247,7 @@ async fn a_foreign_bundle_of_the_same_name_is_left_alone() {
 
 #[tokio::test]
 async fn fleet_delivery_status_drives_the_handshake_status() {
-    let scenario = Scenario::new().await;
+    let scenario = Scenario::new(Setup::default()).await;
     scenario.apply_example_secret().await;
     scenario
         .apply_example_handshake("handshake-cluster-selector.yaml")
@@ -437,7 +320,7 @@ async fn fleet_delivery_status_drives_the_handshake_status() {
 
 #[tokio::test]
 async fn invalid_specs_are_rejected_or_reported() {
-    let scenario = Scenario::new().await;
+    let scenario = Scenario::new(Setup::default()).await;
     let handshakes: Api<FleetHandshake> =
         Api::namespaced(scenario.admin.clone(), &scenario.workspace);
     let with_targets = |targets: serde_json::Value| -> FleetHandshake {
@@ -473,7 +356,7 @@ async fn invalid_specs_are_rejected_or_reported() {
 
 #[tokio::test]
 async fn a_restarted_operator_writes_nothing_for_unchanged_objects() {
-    let mut scenario = Scenario::new().await;
+    let mut scenario = Scenario::new(Setup::default()).await;
     scenario.apply_example_secret().await;
     scenario
         .apply_example_handshake("handshake-cluster-selector.yaml")

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use fleet_handshake::api::{Bundle, FleetHandshake};
+use fleet_handshake::api::{Bundle, FleetHandshake, SyncStatus};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleBinding};
 use kube::api::{Patch, PatchParams};
@@ -353,4 +353,137 @@ pub fn delivered_value(manifest: &serde_json::Value, key: &str) -> Option<String
     let encoded = manifest["data"].get(key)?.clone();
     let bytes: ByteString = serde_json::from_value(encoded).ok()?;
     String::from_utf8(bytes.0).ok()
+}
+
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Options of a [`Scenario`].
+#[derive(Default)]
+pub struct Setup {
+    /// Also bind the Secret-copies role in the workspace.
+    pub secret_copies: bool,
+    /// Extra `fleet-handshake run` arguments.
+    pub operator_args: &'static [&'static str],
+}
+
+/// A workspace namespace (like `fleet-default`) and a source namespace (like
+/// `default`), with an operator watching both as a ServiceAccount that holds
+/// exactly the shipped RBAC there.
+pub struct Scenario {
+    pub control_plane: &'static ControlPlane,
+    pub admin: Client,
+    pub workspace: String,
+    pub source: String,
+    pub operator: Operator,
+    pub operator_user: String,
+}
+
+impl Scenario {
+    pub async fn new(setup: Setup) -> Scenario {
+        let control_plane = ControlPlane::shared();
+        let admin = control_plane.client().await;
+        let workspace = control_plane.create_namespace("workspace").await;
+        let source = control_plane.create_namespace("source").await;
+        let copy_namespaces: &[&str] = if setup.secret_copies {
+            &[&workspace]
+        } else {
+            &[]
+        };
+        let identity = operator_identity(
+            control_plane,
+            Grant::Namespaces(&[&workspace, &source]),
+            copy_namespaces,
+        )
+        .await;
+        let watched = format!("{workspace},{source}");
+        let mut args = vec!["--namespace", watched.as_str()];
+        args.extend(setup.operator_args.iter().copied());
+        let operator = Operator::start(&identity, &args).await;
+        Scenario {
+            control_plane,
+            admin,
+            workspace,
+            source,
+            operator,
+            operator_user: identity.username(),
+        }
+    }
+
+    /// An example from `examples/`, moved into this scenario's namespaces.
+    pub fn example(&self, file: &str) -> String {
+        std::fs::read_to_string(repo_root().join("examples").join(file))
+            .expect("reading an example")
+            .replace("fleet-default", &self.workspace)
+            .replace("namespace: default", &format!("namespace: {}", self.source))
+            .replace(
+                "secretNamespace: default",
+                &format!("secretNamespace: {}", self.source),
+            )
+    }
+
+    pub async fn apply_example_secret(&self) -> Secret {
+        apply_yaml(&self.admin, &self.source, &self.example("secret.yaml")).await
+    }
+
+    pub async fn apply_example_handshake(&self, file: &str) -> FleetHandshake {
+        apply_yaml(&self.admin, &self.workspace, &self.example(file)).await
+    }
+
+    /// Waits until the handshake's status word is `word` for its current
+    /// generation, and returns it.
+    pub async fn status_becomes(&self, name: &str, word: SyncStatus) -> FleetHandshake {
+        eventually(
+            &format!("handshake {name} to be {word:?}"),
+            WAIT,
+            || async {
+                get_handshake(&self.admin, &self.workspace, name)
+                    .await
+                    .filter(|handshake| {
+                        handshake.status.as_ref().is_some_and(|status| {
+                            status.status == Some(word)
+                                && status.observed_generation == handshake.metadata.generation
+                        })
+                    })
+            },
+        )
+        .await
+    }
+
+    pub async fn bundle_matching(
+        &self,
+        name: &str,
+        what: &str,
+        check: impl Fn(&Bundle) -> bool,
+    ) -> Bundle {
+        eventually(what, WAIT, || async {
+            get_bundle(&self.admin, &self.workspace, name)
+                .await
+                .filter(|bundle| check(bundle))
+        })
+        .await
+    }
+
+    pub async fn bundle_gone(&self, name: &str) {
+        eventually(&format!("Bundle {name} to be gone"), WAIT, || async {
+            get_bundle(&self.admin, &self.workspace, name)
+                .await
+                .is_none()
+                .then_some(())
+        })
+        .await
+    }
+}
+
+pub fn condition<'a>(handshake: &'a FleetHandshake, type_: &str) -> (&'a str, &'a str) {
+    let condition = handshake
+        .status
+        .as_ref()
+        .and_then(|status| {
+            status
+                .conditions
+                .iter()
+                .find(|condition| condition.type_ == type_)
+        })
+        .unwrap_or_else(|| panic!("condition {type_} is missing"));
+    (condition.status.as_str(), condition.reason.as_str())
 }
