@@ -616,3 +616,130 @@ async fn source_metadata_is_copied_only_when_asked_and_never_client_bookkeeping(
         json!({"name": "labelled", "namespace": "apps", "labels": {"team": "payments"}, "annotations": {"owner": "payments-team"}})
     );
 }
+
+/// Permissions that no request names as its verb, each checked elsewhere:
+/// `create` when a server-side apply patch creates the object (the request's
+/// verb is `patch`), and `fleethandshakes/finalizers` `update` by the
+/// OwnerReferencesPermissionEnforcement admission plugin when an owner
+/// reference sets `blockOwnerDeletion`.
+const NOT_A_REQUEST_VERB: [(&str, &str, &str); 3] = [
+    ("fleet.cattle.io", "bundles", "create"),
+    ("", "secrets", "create"),
+    (
+        "riverpointtechnology.com",
+        "fleethandshakes/finalizers",
+        "update",
+    ),
+];
+
+/// (API group, resource[/subresource], verb) triples granted by the shipped
+/// ClusterRoles.
+fn shipped_permissions() -> std::collections::BTreeSet<(String, String, String)> {
+    let text = std::fs::read_to_string(repo_root().join("deploy/rbac.yaml")).unwrap();
+    let mut granted = std::collections::BTreeSet::new();
+    for document in serde_yaml_ng::Deserializer::from_str(&text) {
+        let role: k8s_openapi::api::rbac::v1::ClusterRole =
+            serde::Deserialize::deserialize(document).unwrap();
+        for rule in role.rules.unwrap_or_default() {
+            for group in rule.api_groups.iter().flatten() {
+                for resource in rule.resources.iter().flatten() {
+                    for verb in &rule.verbs {
+                        granted.insert((group.clone(), resource.clone(), verb.clone()));
+                    }
+                }
+            }
+        }
+    }
+    granted
+}
+
+#[tokio::test]
+async fn the_shipped_rbac_is_exactly_what_the_operator_uses() {
+    let scenario = Scenario::new(Setup {
+        secret_copies: true,
+        ..Setup::default()
+    })
+    .await;
+    let (admin, workspace, source) = (&scenario.admin, &scenario.workspace, &scenario.source);
+    let handshakes: Api<FleetHandshake> = Api::namespaced(admin.clone(), workspace);
+    secret_with(admin, source, "app", "rbac-value", Some(workspace)).await;
+    handshakes
+        .create(
+            &PostParams::default(),
+            &handshake("embedded", "app", source, json!({})),
+        )
+        .await
+        .unwrap();
+    handshakes
+        .create(
+            &PostParams::default(),
+            &handshake(
+                "copied",
+                "app",
+                source,
+                json!({"delivery": "DownstreamResources"}),
+            ),
+        )
+        .await
+        .unwrap();
+    // Every path twice, so repeated events are recorded as a series.
+    for _ in 0..2 {
+        scenario
+            .status_becomes("embedded", SyncStatus::Pending)
+            .await;
+        scenario.status_becomes("copied", SyncStatus::Pending).await;
+        Api::<Secret>::namespaced(admin.clone(), source)
+            .delete("app", &DeleteParams::default())
+            .await
+            .unwrap();
+        scenario
+            .status_becomes("embedded", SyncStatus::Missing)
+            .await;
+        scenario.status_becomes("copied", SyncStatus::Missing).await;
+        secret_with(admin, source, "app", "rbac-value", Some(workspace)).await;
+    }
+    scenario.status_becomes("copied", SyncStatus::Pending).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let requests = scenario
+        .control_plane
+        .requests_by(&scenario.operator_user)
+        .unwrap();
+    let denied: Vec<_> = requests
+        .iter()
+        .filter(|request| request.code() == Some(403))
+        .collect();
+    assert!(
+        denied.is_empty(),
+        "the shipped RBAC lacks permissions: {denied:#?}"
+    );
+    let used: std::collections::BTreeSet<(String, String, String)> = requests
+        .iter()
+        .filter_map(|request| {
+            let object = request.object_ref.as_ref()?;
+            let resource = match &object.subresource {
+                Some(subresource) => format!("{}/{subresource}", object.resource.as_deref()?),
+                None => object.resource.clone()?,
+            };
+            Some((
+                object.api_group.clone().unwrap_or_default(),
+                resource,
+                request.verb.clone(),
+            ))
+        })
+        .collect();
+    let mut granted = shipped_permissions();
+    for (group, resource, verb) in NOT_A_REQUEST_VERB {
+        assert!(granted.remove(&(group.to_string(), resource.to_string(), verb.to_string())));
+    }
+    let unused: Vec<_> = granted.difference(&used).collect();
+    let ungranted: Vec<_> = used.difference(&granted).collect();
+    assert!(
+        unused.is_empty(),
+        "the shipped RBAC grants more than is used: {unused:?}"
+    );
+    assert!(
+        ungranted.is_empty(),
+        "requests outside the shipped RBAC: {ungranted:?}"
+    );
+}

@@ -1,8 +1,10 @@
-//! The apiserver audit log: which writes each user made.
+//! The apiserver audit log: which requests each user made.
 //!
-//! The policy records only mutating verbs, at `Metadata` level (who did what
-//! to which object, never bodies), once per request (`ResponseComplete`), so
-//! counting a user's events counts that user's writes.
+//! The policy records, at `Metadata` level (who did what to which object,
+//! never bodies): every request of a ServiceAccount (the identities tests
+//! give to the code under test, so its exact use of the API can be compared
+//! with the RBAC it ships), and the writes of everyone else. Long-running
+//! requests (watches) are recorded when their response starts.
 
 use std::path::Path;
 
@@ -16,9 +18,14 @@ kind: Policy
 omitStages: [RequestReceived]
 rules:
 - level: Metadata
+  userGroups: [\"system:serviceaccounts\"]
+- level: Metadata
   verbs: [create, update, patch, delete, deletecollection]
 - level: None
 ";
+
+/// Verbs that change state.
+pub const WRITE_VERBS: [&str; 5] = ["create", "update", "patch", "delete", "deletecollection"];
 
 /// One audited request.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -27,9 +34,10 @@ pub struct AuditEvent {
     /// Unique ID of the request.
     #[serde(rename = "auditID")]
     pub audit_id: String,
-    /// `ResponseComplete`, or `Panic` if the handler panicked.
+    /// `ResponseComplete`; `ResponseStarted` for the start of a watch;
+    /// `Panic` if the handler panicked.
     pub stage: String,
-    /// Kubernetes verb: `create`, `update`, `patch`, `delete` or `deletecollection`.
+    /// Kubernetes verb, e.g. `get`, `list`, `watch`, `create`, `patch`.
     pub verb: String,
     /// Request path and query.
     #[serde(rename = "requestURI")]

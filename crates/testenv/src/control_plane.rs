@@ -435,8 +435,9 @@ impl ControlPlane {
             .map(|local| local.run_dir.path.as_path())
     }
 
-    /// Every event in the audit log so far: one per write request
-    /// (create, update, patch, delete, deletecollection), oldest first.
+    /// Every event in the audit log so far, oldest first: each write
+    /// request, and each request of a ServiceAccount (see
+    /// [`ControlPlane::requests_by`]).
     ///
     /// The apiserver writes the event right after it responds, so poll when
     /// looking for a request that just returned.
@@ -451,9 +452,22 @@ impl ControlPlane {
     /// [`ServiceAccountIdentity::username`].
     pub fn writes_by(&self, username: &str) -> Result<Vec<AuditEvent>> {
         Ok(self
+            .requests_by(username)?
+            .into_iter()
+            .filter(|event| crate::audit::WRITE_VERBS.contains(&event.verb.as_str()))
+            .collect())
+    }
+
+    /// Every request made so far by ServiceAccount user `username` (reads
+    /// included; for other users only writes are recorded).
+    pub fn requests_by(&self, username: &str) -> Result<Vec<AuditEvent>> {
+        Ok(self
             .audit_events()?
             .into_iter()
             .filter(|event| event.user.username == username)
+            // A watch is recorded when its response starts and again when
+            // it ends; count it once.
+            .filter(|event| event.stage != "ResponseComplete" || event.verb != "watch")
             .collect())
     }
 
