@@ -212,6 +212,11 @@ fn assess_delivery(
     bundle_generation: Option<i64>,
     fleet: Option<&BundleStatus>,
 ) -> (SyncStatus, State, Option<String>) {
+    // While Fleet catches up with a new Bundle generation, the last figures
+    // it reported stay visible (the Clusters column does not blank out).
+    let last_reported = fleet
+        .and_then(|fleet| fleet.summary.as_ref())
+        .map(|summary| format!("{}/{}", summary.ready, summary.desired_ready));
     let waiting = || {
         (
             SyncStatus::Pending,
@@ -219,7 +224,7 @@ fn assess_delivery(
                 "WaitingForFleet",
                 "Fleet has not yet processed the current Bundle.".to_string(),
             ),
-            None,
+            last_reported.clone(),
         )
     };
     let Some(fleet) = fleet else {
@@ -598,7 +603,11 @@ mod tests {
         assert_eq!(word, SyncStatus::Pending);
         assert_eq!(delivered, "WaitingForFleet");
         assert_eq!(ready, "WaitingForFleet");
-        assert_eq!(clusters, None);
+        assert_eq!(
+            clusters.as_deref(),
+            Some("2/2"),
+            "the last report stays visible"
+        );
 
         // Caught up (or ahead) counts as current.
         for observed in [3, 4] {

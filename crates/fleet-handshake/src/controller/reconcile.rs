@@ -184,6 +184,13 @@ async fn sync(handshake: &FleetHandshake, context: &Context) -> Result<Observati
             name: source_name.to_string(),
         });
     };
+    if is_controlled_by(&source, handshake) {
+        return Ok(Observation::InvalidSpec {
+            message: format!(
+                "Secret {source_namespace}/{source_name} is the copy this handshake maintains, not a source; name the original Secret."
+            ),
+        });
+    }
     if let Err(message) = policy.check_source(
         &namespace,
         source_namespace,
