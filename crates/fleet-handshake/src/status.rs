@@ -140,7 +140,12 @@ fn assess(observation: &Observation) -> (SyncStatus, State, State, Option<String
         Observation::InvalidSpec { message } => (
             SyncStatus::Error,
             State::no("InvalidSpec", message.clone()),
-            not_delivered("Nothing is delivered while the spec is invalid."),
+            // Fixing a typo must not first remove the Secret everywhere, so an
+            // existing Bundle is kept as it was; its delivery is not tracked.
+            State::unknown(
+                "NotUpdated",
+                "The Bundle, if any, is left as it was while the spec is invalid.".to_string(),
+            ),
             None,
         ),
         Observation::SourceNotAllowed { message } => (
@@ -403,9 +408,9 @@ mod tests {
         assert_eq!(message(&status, BUNDLE_APPLIED), explanation);
         assert_eq!(
             message(&status, DELIVERED),
-            "Nothing is delivered while the spec is invalid."
+            "The Bundle, if any, is left as it was while the spec is invalid."
         );
-        assert_eq!(state(&status, DELIVERED), ("False", "NotDelivered"));
+        assert_eq!(state(&status, DELIVERED), ("Unknown", "NotUpdated"));
         assert_eq!(status.ready_clusters, None);
     }
 
@@ -915,10 +920,8 @@ mod tests {
             condition(&after, BUNDLE_APPLIED).last_transition_time,
             at(T0 + 1)
         );
-        assert_eq!(
-            condition(&after, DELIVERED).last_transition_time,
-            at(T0 + 1)
-        );
+        // Delivered stays Unknown (the reason changes): no transition.
+        assert_eq!(condition(&after, DELIVERED).last_transition_time, at(T0));
     }
 
     #[test]
