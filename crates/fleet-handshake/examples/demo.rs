@@ -439,6 +439,7 @@ fn changed_keys(before: &Bundle, after: &Bundle) -> Result<BTreeMap<String, Chan
         .collect())
 }
 
+/// One line for the changes, by key name: `password`, `token (added)`.
 fn describe_changes(changes: &BTreeMap<String, Change>) -> String {
     if changes.is_empty() {
         return "none".to_string();

@@ -37,13 +37,14 @@ impl std::str::FromStr for SourceGrant {
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let (handshake_namespace, source_namespace) = text
             .split_once('=')
+            .map(|(handshake, source)| (handshake.trim(), source.trim()))
             .filter(|(handshake, source)| !handshake.is_empty() && !source.is_empty() && *source != "*")
             .ok_or_else(|| {
                 format!("invalid source grant {text:?}: expected HANDSHAKE_NAMESPACE=SOURCE_NAMESPACE (the first may be *)")
             })?;
         Ok(SourceGrant {
-            handshake_namespace: handshake_namespace.trim().to_string(),
-            source_namespace: source_namespace.trim().to_string(),
+            handshake_namespace: handshake_namespace.to_string(),
+            source_namespace: source_namespace.to_string(),
         })
     }
 }
@@ -221,7 +222,16 @@ mod tests {
                 source_namespace: "default".to_string()
             })
         );
-        for bad in ["", "fleet-default", "=default", "fleet-default=", "a=*"] {
+        for bad in [
+            "",
+            "fleet-default",
+            "=default",
+            "fleet-default=",
+            "a=*",
+            " =default",
+            "a= *",
+            "a= ",
+        ] {
             assert!(bad.parse::<SourceGrant>().is_err(), "{bad:?}");
         }
     }

@@ -26,10 +26,18 @@ pub enum LogFormat {
     Json,
 }
 
-/// Crates whose verbose levels print request or response bytes (TLS
-/// records, HTTP/2 frames, connection buffers). They are capped whatever the
-/// configured filter says, because those bytes include Secret data.
-const PAYLOAD_LOGGING_CRATES: [&str; 5] = ["rustls", "h2", "hyper", "hyper_util", "tower"];
+/// Crates whose verbose levels can print request or response content (TLS
+/// records, HTTP/2 frames, connection buffers, the API server's error
+/// messages, which may quote the object sent). They are capped whatever the
+/// configured filter says, because that content includes Secret data.
+const PAYLOAD_LOGGING_CRATES: [&str; 6] = [
+    "rustls",
+    "h2",
+    "hyper",
+    "hyper_util",
+    "tower",
+    "kube_client",
+];
 
 /// Installs the global log subscriber. `filter` is an `EnvFilter` directive
 /// such as `info` or `fleet_handshake=debug,kube=info`.

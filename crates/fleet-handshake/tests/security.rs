@@ -552,6 +552,10 @@ async fn downstream_resources_delivery_from_the_same_namespace_needs_no_copy_and
         .unwrap();
     let blocked = scenario.status_becomes("clash", SyncStatus::Error).await;
     assert_eq!(condition(&blocked, "Ready"), ("False", "CopyConflict"));
+    assert!(
+        get_bundle(admin, workspace, "clash").await.is_none(),
+        "no Bundle names a Secret that is not ours"
+    );
     let after = Api::<Secret>::namespaced(admin.clone(), workspace)
         .get("clash")
         .await

@@ -23,7 +23,7 @@ use crate::process::{self, ManagedProcess};
 /// Environment variable: path of a kubeconfig of an already running control
 /// plane (e.g. one from `testenv up`). When set, [`ControlPlane::shared`]
 /// connects to it instead of starting a new one.
-pub const KUBECONFIG_ENV: &str = "FLEET_HANDSHAKE_KUBECONFIG";
+pub const KUBECONFIG_ENV: &str = "FLEET_HANDSHAKE_TEST_KUBECONFIG";
 
 /// Service CIDR of the cluster; its first address is the `kubernetes` Service.
 const SERVICE_CLUSTER_IP_RANGE: &str = "10.0.0.0/24";
@@ -195,7 +195,7 @@ impl ControlPlane {
     }
 
     /// The control plane shared by all tests of this process, started on
-    /// first use with [`Options::default`] — or, if `FLEET_HANDSHAKE_KUBECONFIG`
+    /// first use with [`Options::default`] — or, if `FLEET_HANDSHAKE_TEST_KUBECONFIG`
     /// is set, the one that kubeconfig points to (see [`ControlPlane::connect`]).
     ///
     /// Tests isolate themselves by namespace ([`ControlPlane::create_namespace`]).
@@ -423,7 +423,7 @@ impl ControlPlane {
 
     /// The apiserver's audit log (JSON lines), if known. Always known for a
     /// control plane started by this crate, including through
-    /// `FLEET_HANDSHAKE_KUBECONFIG` pointing at a `testenv up` kubeconfig.
+    /// `FLEET_HANDSHAKE_TEST_KUBECONFIG` pointing at a `testenv up` kubeconfig.
     pub fn audit_log_path(&self) -> Option<&Path> {
         self.audit_log_path.as_deref()
     }

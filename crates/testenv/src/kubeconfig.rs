@@ -12,7 +12,7 @@ use crate::pki;
 
 /// Name of the kubeconfig cluster extension in which a harness-started control
 /// plane records where its audit log is, so a process that reuses the control
-/// plane through `FLEET_HANDSHAKE_KUBECONFIG` can still read the audit log.
+/// plane through `FLEET_HANDSHAKE_TEST_KUBECONFIG` can still read the audit log.
 pub(crate) const EXTENSION_NAME: &str = "testenv.fleet-handshake.io";
 
 /// How to reach and trust an apiserver, independent of the identity used.

@@ -26,7 +26,7 @@
 //!
 //! Environment variables:
 //!
-//! - `FLEET_HANDSHAKE_KUBECONFIG` ([`KUBECONFIG_ENV`]): reuse a running
+//! - `FLEET_HANDSHAKE_TEST_KUBECONFIG` ([`KUBECONFIG_ENV`]): reuse a running
 //!   control plane (e.g. from `testenv up`) in [`ControlPlane::shared`].
 //! - `FLEET_HANDSHAKE_CONTROLPLANE_BIN` ([`BIN_DIR_ENV`]): directory with
 //!   prebuilt `etcd`, `kube-apiserver` and `kube-controller-manager`.

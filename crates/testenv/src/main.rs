@@ -256,7 +256,7 @@ fn print_usage(state: &StateDir, kubeconfig: &Path) {
          kubeconfig: {kubeconfig}\n\
          \n\
          use it:             export KUBECONFIG={kubeconfig}\n\
-         reuse it in tests:  export FLEET_HANDSHAKE_KUBECONFIG={kubeconfig}\n\
+         reuse it in tests:  export FLEET_HANDSHAKE_TEST_KUBECONFIG={kubeconfig}\n\
          logs:               {run}\n\
          stop it:            testenv down --state-dir {state_arg}",
         kubeconfig = kubeconfig.display(),

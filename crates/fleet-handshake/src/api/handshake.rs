@@ -96,13 +96,16 @@ pub struct FleetHandshakeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivery: Option<DeliveryMode>,
 
-    /// Copy the source Secret's labels to the delivered copies. Off by
-    /// default.
+    /// Copy the source Secret's labels into the delivered manifest
+    /// (`Embedded` delivery; Fleet's `downstreamResources` copies no labels).
+    /// Off by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub copy_labels: Option<bool>,
 
-    /// Copy the source Secret's annotations to the delivered copies, except
-    /// `kubectl.kubernetes.io/*` and this operator's own. Off by default.
+    /// Copy the source Secret's annotations into the delivered manifest,
+    /// except `kubectl.kubernetes.io/*` and this operator's own (`Embedded`
+    /// delivery; Fleet's `downstreamResources` copies no annotations). Off by
+    /// default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub copy_annotations: Option<bool>,
 }

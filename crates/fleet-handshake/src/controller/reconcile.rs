@@ -206,6 +206,9 @@ async fn sync(handshake: &FleetHandshake, context: &Context) -> Result<Observati
     if let Some(copy) = &copy
         && !workspace.ensure_copy(copy, handshake).await?
     {
+        // The Bundle may already name that Secret; Fleet must not deliver
+        // someone else's Secret in our place.
+        workspace.withdraw(observed.as_ref(), handshake).await?;
         return Ok(Observation::CopyConflict {
             secret: format!("{namespace}/{}", copy.name_any()),
         });
