@@ -84,6 +84,20 @@ fn handshake(
     .unwrap()
 }
 
+/// Handshakes `embedded` and `copied` reading Secret `app` of `source`,
+/// one for each delivery mode.
+async fn create_both_deliveries(handshakes: &Api<FleetHandshake>, source: &str) {
+    for (name, delivery) in [("embedded", "Embedded"), ("copied", "DownstreamResources")] {
+        handshakes
+            .create(
+                &PostParams::default(),
+                &handshake(name, "app", source, json!({ "delivery": delivery })),
+            )
+            .await
+            .unwrap();
+    }
+}
+
 /// Everything of the Bundles in `namespace`, as text.
 async fn all_bundles_text(client: &Client, namespace: &str) -> String {
     let bundles = Api::<Bundle>::namespaced(client.clone(), namespace)
@@ -338,27 +352,8 @@ async fn secret_values_never_reach_logs_events_status_or_metrics() {
     let rotated = "canary-rotated-5c0d77aa";
     secret_with(admin, source, "app", canary, Some(workspace)).await;
     let handshakes: Api<FleetHandshake> = Api::namespaced(admin.clone(), workspace);
-    // Every path: delivered both ways, rotated, refused, missing, and a
-    // conflict with a foreign Bundle.
-    handshakes
-        .create(
-            &PostParams::default(),
-            &handshake("embedded", "app", source, json!({})),
-        )
-        .await
-        .unwrap();
-    handshakes
-        .create(
-            &PostParams::default(),
-            &handshake(
-                "copied",
-                "app",
-                source,
-                json!({"delivery": "DownstreamResources"}),
-            ),
-        )
-        .await
-        .unwrap();
+    // Every path: delivered both ways, rotated, refused and missing.
+    create_both_deliveries(&handshakes, source).await;
     scenario
         .status_becomes("embedded", SyncStatus::Pending)
         .await;
@@ -667,25 +662,7 @@ async fn the_shipped_rbac_is_exactly_what_the_operator_uses() {
     let (admin, workspace, source) = (&scenario.admin, &scenario.workspace, &scenario.source);
     let handshakes: Api<FleetHandshake> = Api::namespaced(admin.clone(), workspace);
     secret_with(admin, source, "app", "rbac-value", Some(workspace)).await;
-    handshakes
-        .create(
-            &PostParams::default(),
-            &handshake("embedded", "app", source, json!({})),
-        )
-        .await
-        .unwrap();
-    handshakes
-        .create(
-            &PostParams::default(),
-            &handshake(
-                "copied",
-                "app",
-                source,
-                json!({"delivery": "DownstreamResources"}),
-            ),
-        )
-        .await
-        .unwrap();
+    create_both_deliveries(&handshakes, source).await;
     // Every path twice, so repeated events are recorded as a series.
     for _ in 0..2 {
         scenario
