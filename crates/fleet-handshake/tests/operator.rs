@@ -491,3 +491,59 @@ async fn api_errors_are_reported_and_retried_without_a_crash() {
     .await;
     assert!(operator.is_running(), "the operator survives API errors");
 }
+
+#[tokio::test]
+async fn many_handshakes_at_once_get_one_status_write_and_one_event_each() {
+    const COUNT: usize = 60;
+    let scenario = Scenario::new(Setup::default()).await;
+    scenario.apply_example_secret().await;
+    let handshakes: Api<FleetHandshake> =
+        Api::namespaced(scenario.admin.clone(), &scenario.workspace);
+    let template: FleetHandshake =
+        serde_yaml_ng::from_str(&scenario.example("handshake-cluster-name.yaml")).unwrap();
+    let creations = (0..COUNT).map(|index| {
+        let mut handshake = template.clone();
+        handshake.metadata.name = Some(format!("burst-{index}"));
+        let handshakes = handshakes.clone();
+        async move {
+            handshakes
+                .create(&Default::default(), &handshake)
+                .await
+                .expect("creating a handshake")
+        }
+    });
+    futures::future::join_all(creations).await;
+    for index in 0..COUNT {
+        scenario
+            .status_becomes(&format!("burst-{index}"), SyncStatus::Pending)
+            .await;
+    }
+    // Let every reconcile woken by the operator's own writes run.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    assert_eq!(
+        scenario
+            .operator
+            .metric("fleet_handshake_status_writes_total"),
+        COUNT as f64,
+        "one status write per handshake"
+    );
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(
+        scenario.admin.clone(),
+        &scenario.workspace,
+    )
+    .list(&Default::default())
+    .await
+    .unwrap();
+    let recorded: usize = events
+        .items
+        .iter()
+        .map(|event| {
+            event
+                .series
+                .as_ref()
+                .map_or(1, |series| series.count as usize)
+        })
+        .sum();
+    assert_eq!(recorded, COUNT, "one event per handshake");
+}

@@ -20,7 +20,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use tracing::{info, warn};
 
-use crate::api::{Bundle, DeliveryMode, FleetHandshake};
+use crate::api::{Bundle, DeliveryMode, FleetHandshake, FleetHandshakeStatus};
 use crate::authorize::SourcePolicy;
 use crate::render::{MANAGED_BY, MANAGED_BY_LABEL};
 use crate::telemetry::Metrics;
@@ -54,6 +54,15 @@ pub struct Context {
     settings: Settings,
     /// Consecutive failures per handshake, for exponential backoff.
     failures: Mutex<HashMap<ObjectRef<FleetHandshake>, u32>>,
+    /// Statuses written but possibly not yet seen in the cache.
+    written_statuses: Mutex<HashMap<ObjectRef<FleetHandshake>, WrittenStatus>>,
+}
+
+/// A status this operator wrote, and the handshake version it was computed
+/// from.
+struct WrittenStatus {
+    computed_from: Option<String>,
+    status: FleetHandshakeStatus,
 }
 
 impl Context {
@@ -68,6 +77,7 @@ impl Context {
             metrics,
             settings,
             failures: Mutex::default(),
+            written_statuses: Mutex::default(),
         }
     }
 
@@ -76,6 +86,42 @@ impl Context {
         let count = failures.entry(ObjectRef::from_obj(handshake)).or_insert(0);
         *count = count.saturating_add(1);
         retry_delay(*count, self.settings.max_backoff)
+    }
+
+    /// The handshake's current status as far as we know. A reconcile woken
+    /// by our own Bundle write can run before the cache has the status we
+    /// just wrote; comparing with the cached copy then would write the same
+    /// status (and record the same event) again. While the cache still holds
+    /// the version we computed from, the status we wrote is the current one;
+    /// once it holds any other version, that version includes our write.
+    /// (Our write's own watch event brings such a version, so entries live
+    /// only until the next reconcile of the handshake.)
+    fn current_status(&self, handshake: &FleetHandshake) -> Option<FleetHandshakeStatus> {
+        let key = ObjectRef::from_obj(handshake);
+        let mut written = self.written_statuses.lock().expect("status map lock");
+        match written.get(&key) {
+            Some(entry) if entry.computed_from == handshake.metadata.resource_version => {
+                Some(entry.status.clone())
+            }
+            Some(_) => {
+                written.remove(&key);
+                handshake.status.clone()
+            }
+            None => handshake.status.clone(),
+        }
+    }
+
+    fn remember_written_status(&self, handshake: &FleetHandshake, status: FleetHandshakeStatus) {
+        self.written_statuses
+            .lock()
+            .expect("status map lock")
+            .insert(
+                ObjectRef::from_obj(handshake),
+                WrittenStatus {
+                    computed_from: handshake.metadata.resource_version.clone(),
+                    status,
+                },
+            );
     }
 
     fn forget_failures(&self, handshake: &FleetHandshake) {

@@ -385,10 +385,15 @@ async fn write_status(
     observation: &Observation,
     context: &Context,
 ) -> Result<(), Error> {
-    let previous = handshake.status.as_ref();
+    let previous = context.current_status(handshake);
     let now = Time(k8s_openapi::jiff::Timestamp::now());
-    let status = compute_status(handshake.metadata.generation, observation, previous, &now);
-    if previous == Some(&status) {
+    let status = compute_status(
+        handshake.metadata.generation,
+        observation,
+        previous.as_ref(),
+        &now,
+    );
+    if previous.as_ref() == Some(&status) {
         return Ok(());
     }
     let api: Api<FleetHandshake> = Api::namespaced(
@@ -408,6 +413,7 @@ async fn write_status(
     .await
     .map_err(|source| Error::WriteStatus { source })?;
     context.metrics.status_written();
+    context.remember_written_status(handshake, status.clone());
     if previous.and_then(|status| status.status) != status.status {
         publish_event(handshake, &status, context).await;
     }
