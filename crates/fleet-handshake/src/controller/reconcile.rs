@@ -18,7 +18,8 @@ use crate::api::{Bundle, FleetHandshake, FleetHandshakeStatus, SyncStatus};
 use crate::render::{self, RenderError, is_controlled_by, is_up_to_date};
 use crate::status::{Observation, READY, compute_status};
 
-/// How often a handshake blocked by someone else's Bundle looks again.
+/// How often a handshake blocked by someone else's Bundle or Secret looks
+/// again (that object is not watched, since it is not ours).
 const CONFLICT_RECHECK: Duration = Duration::from_secs(10);
 
 /// A failed step of a reconcile. Messages name the step and the API
@@ -26,22 +27,28 @@ const CONFLICT_RECHECK: Duration = Duration::from_secs(10);
 /// quote the Bundle, and the Bundle holds Secret data.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Reading an object failed.
     #[error("reading {what} failed: {}", describe(.source))]
     Read {
         what: &'static str,
         source: kube::Error,
     },
+    /// Applying the Bundle failed.
     #[error("applying Bundle failed: {}", describe(.source))]
     ApplyBundle { source: kube::Error },
+    /// Applying the Secret copy failed.
     #[error("applying the Secret copy failed: {}", describe(.source))]
     ApplyCopy { source: kube::Error },
+    /// Deleting a Bundle or Secret copy failed.
     #[error("deleting {what} failed: {}", describe(.source))]
     Delete {
         what: &'static str,
         source: kube::Error,
     },
+    /// Writing the handshake's status failed.
     #[error("writing status failed: {}", describe(.source))]
     WriteStatus { source: kube::Error },
+    /// The handshake cannot be rendered yet.
     #[error("rendering Bundle failed: {0}")]
     Render(#[from] RenderError),
 }
@@ -111,9 +118,9 @@ pub async fn reconcile(
     status_written?;
     context.forget_failures(&handshake);
     Ok(match observation {
-        // The other Bundle is not watched (it is not ours); look again soon
-        // so the handshake takes over promptly once it is gone.
-        Observation::BundleConflict { .. } => {
+        // Look again soon, so the handshake takes over promptly once the
+        // other object is gone.
+        Observation::BundleConflict { .. } | Observation::CopyConflict { .. } => {
             Action::requeue(CONFLICT_RECHECK.min(context.settings.resync_interval))
         }
         _ => resync(&context.settings),
