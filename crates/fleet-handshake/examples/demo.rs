@@ -111,7 +111,7 @@ fn announce_binaries() {
     } else {
         println!(
             "NOTE: this first run builds etcd, kube-apiserver and kube-controller-manager\n\
-             from source with Go (about 9 minutes on 2 cores). The build is cached, so\n\
+             from source with Go (about 8 minutes on 2 cores). The build is cached, so\n\
              later runs start in seconds."
         );
     }

@@ -30,7 +30,18 @@ const GO_PACKAGES: &[&str] = &[
 /// Flags passed to `go build`; part of the cache key so changing them
 /// invalidates old builds. Stripped, path-independent binaries keep the cache
 /// small and identical across clones.
-const GO_BUILD_FLAGS: &[&str] = &["-trimpath", "-ldflags=-s -w"];
+const GO_BUILD_FLAGS: &[&str] = &[
+    "-trimpath",
+    // The version stamp Kubernetes' own release build sets: without it the
+    // apiserver reports v0.0.0-master+$Format:%H$, which clients such as
+    // kubectl cannot parse. It must match the k8s.io/kubernetes pin in
+    // testenv/go.mod.
+    "-ldflags=-s -w \
+     -X k8s.io/component-base/version.gitVersion=v1.36.3 \
+     -X k8s.io/component-base/version.gitMajor=1 \
+     -X k8s.io/component-base/version.gitMinor=36 \
+     -X k8s.io/component-base/version.gitTreeState=clean",
+];
 
 /// Executable names, as `go build` names them after their package directory.
 const EXECUTABLES: [&str; 3] = ["etcd", "kube-apiserver", "kube-controller-manager"];
@@ -70,7 +81,7 @@ impl Binaries {
     /// it is missing. Concurrent callers (several test binaries) wait for one
     /// build instead of racing.
     ///
-    /// Blocks for the whole build (about 10 minutes on 2 cores with a cold Go
+    /// Blocks for the whole build (about 8 minutes on 2 cores with a cold Go
     /// build cache, under a minute on a warm one); call it from a blocking
     /// context.
     pub fn locate_or_build() -> Result<Self> {
@@ -195,7 +206,7 @@ fn build(module: &Path, root: &Path, key: &str) -> Result<()> {
 
     notice(&format!(
         "building etcd, kube-apiserver and kube-controller-manager with {go_version} \
-         into {} (about 10 minutes with a cold Go build cache; log: {})",
+         into {} (about 8 minutes with a cold Go build cache; log: {})",
         root.join(key).display(),
         log_path.display()
     ));

@@ -227,7 +227,7 @@ fn supervise(state: &StateDir, options: Options, on_ready: impl FnOnce()) -> Res
 fn wait_ready(state: &StateDir, child: libc::pid_t, log: &Path, kubeconfig: &Path) -> Result<()> {
     eprintln!(
         "starting the control plane (log: {}; a first run builds the binaries, \
-         which can take about 10 minutes)",
+         which can take about 8 minutes)",
         log.display()
     );
     loop {
@@ -258,7 +258,7 @@ fn print_usage(state: &StateDir, kubeconfig: &Path) {
          use it:             export KUBECONFIG={kubeconfig}\n\
          reuse it in tests:  export FLEET_HANDSHAKE_TEST_KUBECONFIG={kubeconfig}\n\
          logs:               {run}\n\
-         stop it:            testenv down --state-dir {state_arg}",
+         stop it:            cargo run -p testenv -- down --state-dir {state_arg}",
         kubeconfig = kubeconfig.display(),
         run = state.run_dir().display(),
     );
@@ -267,7 +267,7 @@ fn print_usage(state: &StateDir, kubeconfig: &Path) {
 fn down(state_dir_arg: Option<PathBuf>) -> Result<()> {
     let state = state_dir(state_dir_arg)?;
     if state.stop(Duration::from_secs(30))? {
-        println!("control plane stopped");
+        println!("control plane stopped; unset FLEET_HANDSHAKE_TEST_KUBECONFIG if you exported it");
     } else {
         println!("no control plane was running in {}", state.path().display());
     }

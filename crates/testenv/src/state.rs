@@ -191,6 +191,9 @@ impl StateDir {
             }
         }
         self.remove_files()?;
+        // The default kubeconfig points at a server that is gone now; one
+        // written to a path the user chose is theirs to remove.
+        remove_if_exists(&self.default_kubeconfig())?;
         Ok(true)
     }
 

@@ -249,6 +249,13 @@ impl Operator {
 impl Drop for Operator {
     fn drop(&mut self) {
         self.stop();
+        // The directory holds a ServiceAccount token and a trace log; keep it
+        // only when a failing test may need the log.
+        if !std::thread::panicking()
+            && let Some(dir) = self.log_path.parent()
+        {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
