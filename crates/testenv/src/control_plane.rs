@@ -39,6 +39,8 @@ const CONTROLLERS: &str = "garbage-collector-controller,namespace-controller,\
 const SERVICE_ACCOUNT_TOKEN_SECONDS: i64 = 24 * 60 * 60;
 /// Prefix of temporary run directories, also used to find stale ones.
 const TEMP_PREFIX: &str = "fleet-handshake-testenv-";
+/// How long a reused control plane may take to answer.
+const REUSE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How many times startup is retried when a picked port was taken meanwhile.
 const PORT_RETRIES: usize = 3;
 
@@ -178,11 +180,19 @@ impl ControlPlane {
         let crds = tokio::task::spawn_blocking(move || crd_options.load_crds()).await??;
 
         let client = kube::Client::try_from(config.clone())?;
-        let deadline = Instant::now() + options.startup_timeout;
+        // A control plane being reused was ready when it was handed out; one
+        // that does not answer soon has gone away, so fail fast.
+        let deadline = Instant::now() + options.startup_timeout.min(REUSE_TIMEOUT);
         wait_until("kube-apiserver /readyz", deadline, &mut [], || {
             apiserver_ready(&client)
         })
-        .await?;
+        .await
+        .with_context(|| {
+            format!(
+                "the control plane of {} does not answer (stopped? unset {KUBECONFIG_ENV} to start a fresh one)",
+                kubeconfig_path.display()
+            )
+        })?;
         crds::install(&client, &crds, options.startup_timeout).await?;
 
         Ok(Self {
