@@ -57,11 +57,7 @@ async fn secret_with(
     if let Some(consent) = consent {
         secret.metadata.annotations = Some([(CONSENT.to_string(), consent.to_string())].into());
     }
-    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let _ = api.delete(name, &DeleteParams::default()).await;
-    api.create(&PostParams::default(), &secret)
-        .await
-        .expect("creating a Secret")
+    replace_secret(client, &secret).await
 }
 
 fn handshake(

@@ -153,13 +153,10 @@ pub async fn run(
     } else {
         settings.namespaces.iter().cloned().map(Some).collect()
     };
-    let secret_apis: Vec<Api<PartialObjectMeta<Secret>>> = match settings.namespaces.as_slice() {
-        [] => vec![Api::all(client.clone())],
-        namespaces => namespaces
-            .iter()
-            .map(|namespace| Api::namespaced(client.clone(), namespace))
-            .collect(),
-    };
+    let secret_apis: Vec<Api<PartialObjectMeta<Secret>>> = scopes
+        .iter()
+        .map(|scope| scoped_api(&client, scope.as_deref()))
+        .collect();
     let controllers: Vec<Controller<FleetHandshake>> = scopes
         .iter()
         .map(|scope| controller_for(&client, scope.as_deref(), &secret_apis))
@@ -219,19 +216,10 @@ fn controller_for(
     namespace: Option<&str>,
     secret_apis: &[Api<PartialObjectMeta<Secret>>],
 ) -> Controller<FleetHandshake> {
-    let (handshakes, bundles): (Api<FleetHandshake>, Api<PartialObjectMeta<Bundle>>) =
-        match namespace {
-            Some(namespace) => (
-                Api::namespaced(client.clone(), namespace),
-                Api::namespaced(client.clone(), namespace),
-            ),
-            None => (Api::all(client.clone()), Api::all(client.clone())),
-        };
+    let handshakes: Api<FleetHandshake> = scoped_api(client, namespace);
+    let bundles: Api<PartialObjectMeta<Bundle>> = scoped_api(client, namespace);
+    let copies: Api<PartialObjectMeta<Secret>> = scoped_api(client, namespace);
     let ours = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
-    let copies: Api<PartialObjectMeta<Secret>> = match namespace {
-        Some(namespace) => Api::namespaced(client.clone(), namespace),
-        None => Api::all(client.clone()),
-    };
     let controller = Controller::new(handshakes, watcher::Config::default())
         .owns(bundles, ours.clone())
         .owns(copies, ours);
@@ -246,6 +234,18 @@ fn controller_for(
             )
         })
     })
+}
+
+/// An API for `namespace`, or for every namespace when there is none.
+fn scoped_api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    }
 }
 
 /// The handshakes whose source is the Secret `namespace`/`name`.

@@ -335,10 +335,25 @@ pub async fn put_secret(
         "stringData": string_data,
     }))
     .expect("a valid Secret");
+    replace_secret(client, &secret).await
+}
+
+/// Creates `secret` as the admin, replacing any Secret of its name whole
+/// (an apply would keep keys set by an earlier apply).
+pub async fn replace_secret(client: &Client, secret: &Secret) -> Secret {
+    let namespace = secret
+        .metadata
+        .namespace
+        .as_deref()
+        .expect("test Secrets name their namespace");
+    let name = secret
+        .metadata
+        .name
+        .as_deref()
+        .expect("test Secrets have names");
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    // Replace the data whole: apply would keep keys set by an earlier apply.
     let _ = api.delete(name, &Default::default()).await;
-    api.create(&Default::default(), &secret)
+    api.create(&Default::default(), secret)
         .await
         .expect("creating a Secret")
 }
